@@ -1,0 +1,153 @@
+"""One-file checkpoints: weights plus everything needed to use and to trust them.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read back with
+``weights_only=True`` (no pickled code runs on load). Saving is atomic: a crash
+mid-write leaves the previous file untouched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .network import Ensemble, NetworkConfig, PneumoniaNet
+from .preprocess import PreprocessParams
+
+FORMAT_VERSION = 1
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or incompatible with this code."""
+
+
+@dataclass
+class Checkpoint:
+    """What a trained model is, how it was made and how well it did."""
+
+    network: NetworkConfig
+    preprocess: PreprocessParams
+    state_dicts: list[dict]
+    threshold: float
+    version: str
+    created_at: str
+    class_names: tuple[str, ...] = CLASS_NAMES
+    threshold_rule: str = ""
+    training_data: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # {"validation": {...}, "test": {...}}
+
+    @cached_property
+    def model(self) -> Ensemble:
+        """The network in eval mode, weights loaded; built once."""
+        members = []
+        for state in self.state_dicts:
+            net = PneumoniaNet(self.network)
+            net.load_state_dict(state)
+            members.append(net)
+        return Ensemble(members).eval()
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "version": self.version,
+            "created_at": self.created_at,
+            "network": self.network.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "state_dicts": self.state_dicts,
+            "threshold": float(self.threshold),
+            "threshold_rule": self.threshold_rule,
+            "class_names": list(self.class_names),
+            "training_data": self.training_data,
+            "metrics": self.metrics,
+        }
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write atomically: temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = checkpoint.to_dict()
+    payload["state_dicts"] = [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in payload["state_dicts"]]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessParams | None = None) -> Checkpoint:
+    """Read and validate; any problem raises ``CheckpointError`` with a one-line reason.
+
+    ``expected_preprocess``: the caller's preprocessing; a checkpoint trained on other
+    inputs is refused rather than silently fed the wrong pictures.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint {path} is not a pneumonia model checkpoint")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {raw.get('format_version')!r}; this code reads {FORMAT_VERSION}"
+        )
+    try:
+        preprocess = PreprocessParams.from_dict(raw["preprocess"])
+        network = NetworkConfig.from_dict(raw["network"])
+        checkpoint = Checkpoint(
+            network=network,
+            preprocess=preprocess,
+            state_dicts=list(raw["state_dicts"]),
+            threshold=float(raw["threshold"]),
+            version=str(raw["version"]),
+            created_at=str(raw["created_at"]),
+            class_names=tuple(raw["class_names"]),
+            threshold_rule=str(raw.get("threshold_rule", "")),
+            training_data=dict(raw.get("training_data", {})),
+            metrics=dict(raw.get("metrics", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is incompatible with this code: {exc}") from None
+    if expected_preprocess is not None and preprocess != expected_preprocess:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with preprocessing {preprocess.to_dict()}, "
+            f"but this code uses {expected_preprocess.to_dict()}"
+        )
+    if preprocess.size != network.input_size:
+        raise CheckpointError(f"checkpoint {path}: preprocessing size and network input size differ")
+    if not 0.0 < checkpoint.threshold < 1.0:
+        raise CheckpointError(f"checkpoint {path}: threshold {checkpoint.threshold} is not a probability")
+    if checkpoint.class_names != CLASS_NAMES:
+        raise CheckpointError(f"checkpoint {path}: classes {checkpoint.class_names} are not {CLASS_NAMES}")
+    if not checkpoint.state_dicts:
+        raise CheckpointError(f"checkpoint {path} holds no weights")
+    try:
+        checkpoint.model  # noqa: B018 - building it is the check
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture ({exc})") from None
+    return checkpoint
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

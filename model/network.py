@@ -1,0 +1,133 @@
+"""Spatial transformer in front of a small CNN that ends in one pneumonia logit.
+
+The STN learns an affine warp that undoes the tilt, shift and zoom of a skewed film
+before the classifier looks at it; it starts as the identity so that early training
+sees the image as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The architecture's hyperparameters; stored in the checkpoint."""
+
+    input_size: int = 64
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    stn_channels: tuple[int, ...] = (8, 16, 32)
+    dropout: float = 0.3
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["channels"] = list(self.channels)
+        data["stn_channels"] = list(self.stn_channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NetworkConfig":
+        data = dict(data)
+        data["channels"] = tuple(data["channels"])
+        data["stn_channels"] = tuple(data["stn_channels"])
+        return cls(**data)
+
+
+class Inference(NamedTuple):
+    logits: torch.Tensor  # (N,)
+    aligned: torch.Tensor  # (N, 1, H, W), the STN's output, standardised
+    features: torch.Tensor  # (N, C), the penultimate layer
+    theta: torch.Tensor  # (N, 2, 3), the affine transform
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class SpatialTransformer(nn.Module):
+    """Localisation net -> 6 affine parameters -> affine_grid / grid_sample."""
+
+    def __init__(self, input_size: int, channels: tuple[int, ...]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for cout in channels:
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            cin = cout
+        self.localisation = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.regressor = nn.Sequential(nn.Linear(cin * 16, 32), nn.ReLU(inplace=True), nn.Linear(32, 6))
+        # Identity at start: zero weights, identity bias.
+        nn.init.zeros_(self.regressor[-1].weight)
+        with torch.no_grad():
+            self.regressor[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = self.regressor(self.localisation(x)).view(-1, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, padding_mode="border", align_corners=False), theta
+
+
+class PneumoniaNet(nn.Module):
+    """Input: (N, 1, S, S) floats in [0, 1] from ``model.preprocess``. Output: logits (N,)."""
+
+    def __init__(self, config: NetworkConfig = NetworkConfig()):
+        super().__init__()
+        self.config = config
+        self.stn = SpatialTransformer(config.input_size, config.stn_channels)
+        blocks, cin = [], 1
+        for cout in config.channels:
+            blocks.append(_conv_block(cin, cout))
+            cin = cout
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(cin, 1))
+
+    @staticmethod
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        """Per-image zero mean, unit variance: exposure differs from film to film."""
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return (x - mean) / (std + 1e-5)
+
+    def infer(self, x: torch.Tensor) -> Inference:
+        aligned, theta = self.stn(self.standardise(x))
+        features = self.features(aligned)
+        logits = self.head(features).squeeze(1)
+        return Inference(logits, aligned, features, theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.infer(x).logits
+
+
+class Ensemble(nn.Module):
+    """Several independently trained networks; their logits are averaged.
+
+    A single network is an ensemble of one, so the app and the scripts never branch.
+    The aligned image shown to users is the first member's; features are concatenated.
+    """
+
+    def __init__(self, members: list[PneumoniaNet]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def infer(self, x: torch.Tensor) -> Inference:
+        outputs = [member.infer(x) for member in self.members]
+        logits = torch.stack([o.logits for o in outputs]).mean(dim=0)
+        features = torch.cat([o.features for o in outputs], dim=1)
+        return Inference(logits, outputs[0].aligned, features, outputs[0].theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.infer(x).logits

@@ -1,0 +1,28 @@
+"""Paths and limits shared by the app, the training scripts, the tests and the benches.
+
+Every default lives here, once; each can be overridden by an environment variable so
+that a deployment or a CI run never has to edit code.
+"""
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The bundled, trained checkpoint that the app loads out of the box.
+DEFAULT_CHECKPOINT = REPO_ROOT / "model" / "weights" / "pneumonia_stn.pt"
+
+#: The t-SNE artifact made from the bundled checkpoint (see training/tsne.py).
+DEFAULT_TSNE_ARTIFACT = REPO_ROOT / "model" / "weights" / "tsne.npz"
+
+#: Where preprocessed arrays are cached between training runs.
+DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "preprocessed"
+
+
+def data_dir() -> Path:
+    """The chest X-ray dataset folder (train|val|test/NORMAL|PNEUMONIA).
+
+    One setting, ``CHEST_XRAY_DATA``, read by the tests, the benches and the app's
+    analysis page; it defaults to the shared copy beside the checkout.
+    """
+    default = REPO_ROOT.parent / "shared" / "data" / "chest_xray"
+    return Path(os.environ.get("CHEST_XRAY_DATA", default)).expanduser()

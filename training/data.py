@@ -1,0 +1,181 @@
+"""The dataset folder: scanning, patient grouping, the validation split and the cache.
+
+Layout: ``DIR/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``. Decoding thousands of
+JPEGs is most of a cold run's cost, so preprocessed arrays are cached on disk, keyed
+by the preprocessing parameters and the exact file list.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from model import CLASS_NAMES, ImageError, PreprocessParams, preprocess
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class DatasetError(RuntimeError):
+    """The dataset folder is missing, empty or not laid out as train|val|test/NORMAL|PNEUMONIA."""
+
+
+@dataclass
+class Split:
+    """Preprocessed images of one split, in a stable order."""
+
+    images: np.ndarray  # float32 (N, S, S)
+    labels: np.ndarray  # int64 (N,), 1 = PNEUMONIA
+    files: list[str]  # paths relative to the dataset folder
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Split":
+        return Split(self.images[index], self.labels[index], [self.files[i] for i in index])
+
+    def summary(self) -> dict:
+        positives = int(self.labels.sum())
+        return {"images": len(self), "pneumonia": positives, "normal": len(self) - positives}
+
+
+def scan_split(root: str | os.PathLike, split: str) -> list[tuple[str, int]]:
+    """(relative path, label) for every image file of a split, sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetError(
+            f"{root} has no {split}/ folder; expected {'|'.join(SPLITS)}/{'|'.join(CLASS_NAMES)}/ image folders"
+        )
+    items = []
+    for label, name in enumerate(CLASS_NAMES):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            raise DatasetError(f"{split_dir} has no {name}/ folder")
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(f"{class_dir} holds no images")
+        items += [(str(p.relative_to(root)), label) for p in files]
+    return items
+
+
+_PATIENT = re.compile(r"^(person\d+|(?:NORMAL2-)?IM-\d+)")
+
+
+def patient_id(path: str) -> str:
+    """``person1261_virus_2147`` -> ``person1261``; ``IM-0115-0001`` -> ``IM-0115``."""
+    stem = Path(path).stem
+    match = _PATIENT.match(stem)
+    return match.group(1) if match else stem
+
+
+def validation_split(files: list[str], labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation indices, stratified by label and grouped by patient.
+
+    One child's films never sit on both sides, so validation measures generalisation to
+    new patients (the dataset has several films per child, and duplicate images).
+    """
+    folds = max(2, round(1 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    groups = [patient_id(f) for f in files]
+    train_index, val_index = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    return train_index, val_index
+
+
+def load_split(
+    root: str | os.PathLike,
+    split: str,
+    params: PreprocessParams,
+    cache_dir: str | os.PathLike | None,
+    workers: int = 2,
+    limit: int | None = None,
+    progress: bool = True,
+) -> Split:
+    """Preprocess every image of a split, from the cache when it matches.
+
+    Unreadable images are skipped with a warning that names them. ``limit`` keeps a
+    class-balanced prefix (for dry runs) and bypasses the cache.
+    """
+    root = Path(root)
+    items = scan_split(root, split)
+    if limit is not None:
+        per_class = max(1, limit // 2)
+        items = [it for label in (0, 1) for it in [i for i in items if i[1] == label][:per_class]]
+    cache_path = None
+    if cache_dir is not None and limit is None:
+        cache_path = Path(cache_dir) / f"{split}-{_cache_key(root, items, params)}.npz"
+        if cache_path.is_file():
+            try:
+                with np.load(cache_path) as data:
+                    return Split(data["images"], data["labels"], [str(f) for f in data["files"]])
+            except (OSError, ValueError, KeyError):
+                log.warning("ignoring unreadable cache file %s", cache_path)
+    paths = [str(root / rel) for rel, _ in items]
+    results = _preprocess_files(paths, params, workers, desc=f"preprocess {split}" if progress else None)
+    images, labels, files = [], [], []
+    for (rel, label), result in zip(items, results):
+        if isinstance(result, str):
+            log.warning("skipping %s: %s", rel, result)
+            continue
+        images.append(result)
+        labels.append(label)
+        files.append(rel)
+    if not images:
+        raise DatasetError(f"no readable images in {root / split}")
+    split_data = Split(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), files)
+    if cache_path is not None:
+        _write_cache(cache_path, split_data)
+    return split_data
+
+
+def _cache_key(root: Path, items: list[tuple[str, int]], params: PreprocessParams) -> str:
+    digest = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode())
+    for rel, label in items:
+        stat = (root / rel).stat()
+        digest.update(f"{rel}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _write_cache(path: Path, split: Split) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, images=split.images, labels=split.labels, files=np.asarray(split.files))
+    os.replace(tmp, path)
+
+
+def _preprocess_one(args: tuple[str, PreprocessParams]) -> np.ndarray | str:
+    path, params = args
+    try:
+        with open(path, "rb") as handle:
+            return preprocess(handle.read(), params)
+    except (ImageError, OSError) as exc:
+        return str(exc)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _preprocess_files(paths: list[str], params: PreprocessParams, workers: int, desc: str | None):
+    from tqdm import tqdm
+
+    jobs = [(p, params) for p in paths]
+    bar = dict(total=len(jobs), desc=desc, disable=desc is None, unit="img", leave=False)
+    if workers <= 1 or len(jobs) < 64:
+        return [_preprocess_one(job) for job in tqdm(jobs, **bar)]
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        return list(tqdm(pool.map(_preprocess_one, jobs, chunksize=32), **bar))

@@ -1,0 +1,66 @@
+"""Print the metrics table of any checkpoint on a split of the dataset.
+
+    python -m training.evaluate --checkpoint model/weights/pneumonia_stn.pt --split test
+
+``--geometry`` / ``--prefilter`` override the checkpoint's preprocessing: an
+experiment for measuring which geometry serves original-size X-rays best, never
+what the app does (the app refuses a checkpoint whose preprocessing differs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from model import CheckpointError, load_checkpoint
+from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
+
+from .data import DatasetError, load_split
+from .metrics import binary_metrics, format_table
+from .train import predict_probabilities
+
+log = logging.getLogger("training")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--data", type=Path, default=data_dir())
+    parser.add_argument("--split", choices=("train", "val", "test"), default="test")
+    parser.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's")
+    parser.add_argument("--geometry", choices=("squash", "center_crop"), default=None)
+    parser.add_argument("--prefilter", type=int, default=None, help="prefilter size; 0 disables it")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--no-cache", action="store_true", help="decode every image (timing)")
+    parser.add_argument("--workers", type=int, default=2)
+    return parser
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    started = time.perf_counter()
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        params = checkpoint.preprocess
+        if args.geometry is not None:
+            params = dataclasses.replace(params, geometry=args.geometry)
+        if args.prefilter is not None:
+            params = dataclasses.replace(params, prefilter_size=args.prefilter or None)
+        split = load_split(args.data, args.split, params, None if args.no_cache else args.cache_dir, args.workers)
+    except (CheckpointError, DatasetError) as exc:
+        log.error("%s", exc)
+        return 2
+    probabilities = predict_probabilities(checkpoint.model, split.images, "cpu")
+    threshold = checkpoint.threshold if args.threshold is None else args.threshold
+    metrics = binary_metrics(split.labels, probabilities, threshold)
+    print(f"checkpoint {checkpoint.version}, preprocessing {params.to_dict()}")
+    print(format_table({args.split: metrics}))
+    print(f"threshold {threshold:.4f}; {len(split)} images in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,217 @@
+"""Train the STN+CNN, choose the operating threshold on validation, evaluate once on test.
+
+    python -m training.train --data ../shared/data/chest_xray
+
+The checkpoint is written atomically at the end, and only then: an interrupted or
+failed run leaves the previous checkpoint as it was. A lock beside the checkpoint
+keeps two admins from training into the same file at once.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model import Checkpoint, Ensemble, NetworkConfig, PneumoniaNet, PreprocessParams, save_checkpoint
+from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
+
+from .augment import augment
+from .data import DatasetError, Split, load_split, validation_split
+from .metrics import binary_metrics, format_table, threshold_for_sensitivity
+
+log = logging.getLogger("training")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=data_dir(), help="dataset folder (train|val|test/NORMAL|PNEUMONIA)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint to write")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--members", type=int, default=1, help="networks in the ensemble, each from its own seed")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="share of train/ patients held out")
+    parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
+    parser.add_argument("--geometry", choices=("squash", "center_crop"), default=PreprocessParams().geometry)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    parser.add_argument("--dry-run", action="store_true", help="a few images and batches: checks the pipeline (CI)")
+    return parser
+
+
+def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, device, pos_weight, bar) -> float:
+    """One pass over the (shuffled, augmented) training images; returns the mean loss."""
+    model.train()
+    order = torch.randperm(len(split), generator=generator)
+    images = torch.from_numpy(split.images).unsqueeze(1)
+    labels = torch.from_numpy(split.labels).float()
+    batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    if args.dry_run:
+        batches = batches[:3]
+    total, count = 0.0, 0
+    for index in batches:
+        if len(index) < 2:  # BatchNorm needs two samples
+            continue
+        x = augment(images[index], generator).to(device)
+        y = labels[index].to(device)
+        loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pos_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(index)
+        count += len(index)
+        bar.update(1)
+        bar.set_postfix_str(f"loss {total / count:.4f}", refresh=False)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def predict_probabilities(model, images: np.ndarray, device, batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start : start + batch_size]).unsqueeze(1).to(device)
+        out.append(torch.sigmoid(model(x)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def evaluate(model, split: Split, device, threshold: float) -> dict:
+    """Metrics of ``model`` on ``split`` at ``threshold``."""
+    return binary_metrics(split.labels, predict_probabilities(model, split.images, device), threshold)
+
+
+def train_member(args, member: int, train: Split, val: Split, device) -> tuple[PneumoniaNet, dict]:
+    """Train one network; keep the epoch with the best validation AUC."""
+    seed = args.seed + 1000 * member
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1])).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = min(-(-len(train) // args.batch_size), 3 if args.dry_run else 10**9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.2
+    )
+    positives = float(train.labels.sum())
+    pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
+    best_auc, best_state, best_epoch = -1.0, None, 0
+    history = []
+    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"member {member + 1}/{args.members}", unit="batch")
+    for epoch in range(args.epochs):
+        loss = train_one_epoch(model, optimizer, scheduler, train, args, generator, device, pos_weight, bar)
+        val_probs = predict_probabilities(model, val.images, device)
+        val_auc = binary_metrics(val.labels, val_probs, 0.5)["auc"]
+        history.append({"epoch": epoch + 1, "loss": round(loss, 5), "val_auc": round(val_auc, 5)})
+        if val_auc > best_auc or best_state is None:
+            best_auc, best_epoch = val_auc, epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+        bar.set_postfix_str(f"loss {loss:.4f} val AUC {val_auc:.4f} (best {best_auc:.4f} @ {best_epoch})")
+    bar.close()
+    model.load_state_dict(best_state)
+    return model.cpu().eval(), {"seed": seed, "best_epoch": best_epoch, "best_val_auc": best_auc, "history": history}
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log.error("--device cuda was asked for, but no CUDA device is available")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    lock = FileLock(str(args.out) + ".lock")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.error("another training run is writing %s (lock %s.lock); try again when it ends", args.out, args.out)
+        return 3
+    try:
+        return _run(args, device)
+    except DatasetError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        lock.release()
+
+
+def _run(args, device) -> int:
+    started = time.perf_counter()
+    params = PreprocessParams(geometry=args.geometry)
+    limit = 48 if args.dry_run else None
+    full = load_split(args.data, "train", params, args.cache_dir, args.workers, limit=limit)
+    test = load_split(args.data, "test", params, args.cache_dir, args.workers, limit=limit)
+    train_index, val_index = validation_split(full.files, full.labels, args.val_fraction, args.seed)
+    train, val = full.subset(train_index), full.subset(val_index)
+    log.info("train %s | validation %s | test %s", train.summary(), val.summary(), test.summary())
+
+    members, member_logs = [], []
+    for member in range(args.members):
+        net, info = train_member(args, member, train, val, device)
+        members.append(net)
+        member_logs.append(info)
+    model = Ensemble(members).eval()
+
+    val_probs = predict_probabilities(model, val.images, torch.device("cpu"))
+    threshold = threshold_for_sensitivity(val.labels, val_probs, args.target_sensitivity)
+    results = {
+        "validation": binary_metrics(val.labels, val_probs, threshold),
+        "test": evaluate(model, test, torch.device("cpu"), threshold),
+    }
+    state_dicts = [m.state_dict() for m in members]
+    created = dt.datetime.now(dt.timezone.utc)
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for s in state_dicts for t in s.values())).hexdigest()[:8]
+    checkpoint = Checkpoint(
+        network=members[0].config,
+        preprocess=params,
+        state_dicts=state_dicts,
+        threshold=threshold,
+        threshold_rule=(
+            f"lowest score among the top {args.target_sensitivity:.0%} of validation pneumonia cases "
+            f"(target sensitivity {args.target_sensitivity}, chosen on validation, never on test)"
+        ),
+        version=f"stn-cnn-{created:%Y%m%d}-{digest}",
+        created_at=created.isoformat(timespec="seconds"),
+        training_data={
+            "dataset": str(Path(args.data).resolve().name),
+            "train": train.summary(),
+            "validation": val.summary(),
+            "test": test.summary(),
+            "validation_rule": f"{args.val_fraction:.0%} of train/ patients, stratified, grouped by patient",
+            "epochs": args.epochs,
+            "members": member_logs,
+            "seed": args.seed,
+            "dry_run": bool(args.dry_run),
+        },
+        metrics=results,
+    )
+    save_checkpoint(checkpoint, args.out)
+    metrics_path = args.out.with_suffix(".metrics.json")
+    metrics_path.write_text(json.dumps({"version": checkpoint.version, "threshold": threshold, **results}, indent=2))
+    print(format_table(results))
+    print(f"threshold {threshold:.4f} ({args.target_sensitivity} target sensitivity on validation)")
+    print(f"wrote {args.out} ({checkpoint.version}) and {metrics_path} in {time.perf_counter() - started:.0f} s")
+    if not args.dry_run:
+        print("The t-SNE page still shows the previous model: refresh it with python -m training.tsne")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
