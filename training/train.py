@@ -113,7 +113,12 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
     best_auc, best_state, best_epoch = -1.0, None, 0
     history = []
-    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"member {member + 1}/{args.members}", unit="batch")
+    bar = tqdm(
+        total=args.epochs * steps_per_epoch,
+        desc=f"member {member + 1}/{args.members}",
+        unit="batch",
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+    )
     for epoch in range(args.epochs):
         loss = train_one_epoch(model, optimizer, scheduler, train, args, generator, device, pos_weight, bar)
         val_probs = predict_probabilities(model, val.images, device)

@@ -1,0 +1,73 @@
+"""Flask app factory for the pneumonia screening service.
+
+The checkpoint is loaded once, here, when the app is created; a missing, corrupt or
+incompatible checkpoint stops start-up with ``CheckpointError`` (see ``wsgi.py``).
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+
+from flask import Flask, g, request
+
+from model import DecodeLimits, Predictor
+
+from . import config as app_config
+from .errors import register_error_handlers
+from .security import csrf, set_security_headers
+from .uploads import InMemoryRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("app")
+
+
+def create_app(config: dict | None = None) -> Flask:
+    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
+    app.request_class = InMemoryRequest
+    app.config.from_mapping(app_config.from_environment())
+    if config:
+        app.config.from_mapping(config)
+    if not app.config.get("SECRET_KEY"):
+        log.warning("SECRET_KEY is not set: using a random key; forms open across a restart will need a reload")
+        app.config["SECRET_KEY"] = secrets.token_hex(32)
+
+    limits = DecodeLimits(max_pixels=app.config["MAX_IMAGE_PIXELS"])
+    started = time.perf_counter()
+    app.extensions["predictor"] = Predictor.from_path(app.config["CHECKPOINT_PATH"], limits)
+    log.info(
+        "loaded model %s from %s in %.2f s",
+        app.extensions["predictor"].version,
+        app.config["CHECKPOINT_PATH"],
+        time.perf_counter() - started,
+    )
+
+    csrf.init_app(app)
+    from . import analysis, api, pages
+
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(analysis.bp)
+    csrf.exempt(api.bp)
+    register_error_handlers(app)
+    app.after_request(set_security_headers)
+
+    @app.before_request
+    def _start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response):
+        # Method, path, status and time only: never file names or image content.
+        elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        log.info("%s %s %s %.0f ms", request.method, request.path, response.status_code, elapsed)
+        return response
+
+    return app
+
+
+def get_predictor() -> Predictor:
+    from flask import current_app
+
+    return current_app.extensions["predictor"]

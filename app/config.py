@@ -1,0 +1,31 @@
+"""App settings: defaults that run out of the box, each overridable by the environment.
+
+| variable                  | default                               |
+| ------------------------- | ------------------------------------- |
+| PNEUMONIA_CHECKPOINT      | model/weights/pneumonia_stn.pt        |
+| PNEUMONIA_TSNE_ARTIFACT   | model/weights/tsne.npz                |
+| CHEST_XRAY_DATA           | ../shared/data/chest_xray (thumbnails)|
+| MAX_UPLOAD_MB             | 20                                    |
+| MAX_IMAGE_MEGAPIXELS      | 40                                    |
+| MAX_BATCH_FILES           | 20                                    |
+| SECRET_KEY                | random per start, with a warning      |
+"""
+from __future__ import annotations
+
+import os
+
+from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir
+
+
+def from_environment() -> dict:
+    """Flask config keys read from the environment (or defaults)."""
+    env = os.environ
+    return {
+        "CHECKPOINT_PATH": env.get("PNEUMONIA_CHECKPOINT", str(DEFAULT_CHECKPOINT)),
+        "TSNE_ARTIFACT": env.get("PNEUMONIA_TSNE_ARTIFACT", str(DEFAULT_TSNE_ARTIFACT)),
+        "DATASET_DIR": str(data_dir()),
+        "MAX_CONTENT_LENGTH": int(float(env.get("MAX_UPLOAD_MB", "20")) * 1024 * 1024),
+        "MAX_IMAGE_PIXELS": int(float(env.get("MAX_IMAGE_MEGAPIXELS", "40")) * 1_000_000),
+        "SECRET_KEY": env.get("SECRET_KEY"),
+        "WTF_CSRF_TIME_LIMIT": None,  # a clinician may leave the upload page open all shift
+    }

@@ -1,0 +1,39 @@
+"""Uploads stay in memory: patient images are never written to disk, not even as temp files."""
+from __future__ import annotations
+
+import io
+
+from flask import Request
+from werkzeug.datastructures import FileStorage
+
+from model import ImageError
+
+
+class InMemoryRequest(Request):
+    """Werkzeug spools file parts over 500 KB to a temporary file; keep them in RAM.
+
+    ``MAX_CONTENT_LENGTH`` bounds what a request can hold.
+    """
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+class UploadError(ImageError):
+    """A request that carries no usable file; the message is for users."""
+
+
+def read_single_upload(request: Request, field: str = "image") -> bytes:
+    """The bytes of exactly one uploaded file in ``field``."""
+    files: list[FileStorage] = [f for name in request.files for f in request.files.getlist(name)]
+    chosen = request.files.getlist(field)
+    if not files:
+        raise UploadError(f"No file was uploaded: send one image in the form field '{field}'.")
+    if len(files) > 1 or len(chosen) > 1:
+        raise UploadError("Several files were uploaded: send exactly one image.")
+    if not chosen:
+        raise UploadError(f"The file must be sent in the form field '{field}'.")
+    data = chosen[0].read()
+    if not data:
+        raise UploadError("The uploaded file is empty.")
+    return data

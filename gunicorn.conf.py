@@ -1,0 +1,32 @@
+"""gunicorn settings: ``gunicorn wsgi:app`` reads this file from the working directory.
+
+Each worker runs inference on the CPU; torch is capped to a few threads per worker so
+that workers do not fight over the same cores. Every value can be set from the
+environment.
+"""
+import os
+
+bind = os.environ.get("BIND", "0.0.0.0:8000")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+graceful_timeout = 20
+keepalive = 5
+# Load the model once in the master: workers share its memory pages and start at once.
+preload_app = True
+# Recycle workers now and then, so a slow leak can never grow without bound.
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "5000"))
+max_requests_jitter = 500
+accesslog = "-"
+# No query strings or bodies in the access log: they may carry patient data.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
+TORCH_THREADS = int(os.environ.get("TORCH_THREADS", "1"))
+
+
+def post_fork(server, worker):
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    import cv2
+
+    cv2.setNumThreads(1)

@@ -1,0 +1,86 @@
+"""End to end in real headless Chromium (Debian's chromium + chromium-driver)."""
+import os
+import shutil
+import threading
+from urllib.parse import urlparse
+
+import pytest
+from werkzeug.serving import make_server
+
+from app import create_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    app = create_app({"SECRET_KEY": "browser-test"})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM and CHROMEDRIVER):
+        message = "headless Chromium not installed (Debian packages chromium and chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI requires it")
+        pytest.skip(message)
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager reach the network
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def resource_origins(driver) -> set[str]:
+    urls = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).concat([location.href]);"
+    )
+    return {f"{urlparse(u).scheme}://{urlparse(u).netloc}" for u in urls if not u.startswith("data:")}
+
+
+def severe_console_messages(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_upload_a_real_xray_through_the_form(browser, live_server, real_data):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = sorted((real_data / "test" / "PNEUMONIA").iterdir())[0]
+    browser.get(live_server + "/")
+    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image))
+    browser.find_element(By.ID, "submit").click()
+    probability = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.ID, "probability"))).text
+    decision = browser.find_element(By.ID, "decision").text
+    assert probability.endswith("%") and 0 <= float(probability[:-1]) <= 100
+    assert decision in ("PNEUMONIA suspected", "NORMAL")
+    images = browser.find_elements(By.CSS_SELECTOR, ".images img")
+    assert len(images) == 2 and all(img.get_property("naturalWidth") == 64 for img in images)
+    assert resource_origins(browser) == {live_server}
+    assert severe_console_messages(browser) == []
+
+
+def test_pages_load_nothing_from_another_origin(browser, live_server):
+    for path in ("/", "/model", "/analysis"):
+        browser.get(live_server + path)
+        assert resource_origins(browser) == {live_server}, path
+        assert severe_console_messages(browser) == [], path

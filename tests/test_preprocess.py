@@ -1,0 +1,127 @@
+import cv2
+import numpy as np
+import pytest
+
+from conftest import encode, synthetic_xray
+from model import (
+    ImageTooLargeError,
+    InvalidImageError,
+    PreprocessParams,
+    UnsupportedImageError,
+    decode_image,
+    preprocess,
+)
+from model.preprocess import DecodeLimits
+
+SQUASH = PreprocessParams(geometry="squash")
+CROP = PreprocessParams(geometry="center_crop")
+
+
+def test_output_is_64x64_float_in_unit_range():
+    out = preprocess(synthetic_xray(500, 300))
+    assert out.shape == (64, 64) and out.dtype == np.float32
+    assert out.min() == 0.0 and out.max() == 1.0
+
+
+def test_center_crop_keeps_only_the_central_square():
+    wide = synthetic_xray(100, 300)
+    np.testing.assert_array_equal(preprocess(wide, CROP), preprocess(wide[:, 100:200], CROP))
+    tall = synthetic_xray(301, 120)
+    np.testing.assert_array_equal(preprocess(tall, CROP), preprocess(tall[90:210, :], CROP))
+
+
+def test_squash_keeps_the_whole_width():
+    image = np.full((100, 300), 128, np.uint8)
+    image[:, :100] = 0
+    image[:, 200:] = 255
+    squashed = preprocess(image, SQUASH)
+    assert squashed[:, :16].mean() < 0.05 and squashed[:, -16:].mean() > 0.95
+    # the centre crop sees none of either band: a flat picture
+    assert preprocess(image, CROP).max() == 0.0
+
+
+def test_square_input_is_identical_under_both_geometries():
+    image = synthetic_xray(224, 224)
+    np.testing.assert_array_equal(preprocess(image, SQUASH), preprocess(image, CROP))
+
+
+def test_squash_of_a_tall_image_matches_resizing_it_square_first():
+    image = synthetic_xray(400, 250)
+    direct = preprocess(image, SQUASH)
+    resized = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
+    assert np.abs(direct - preprocess(resized, SQUASH)).max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_bit_depth_does_not_change_the_result(dtype):
+    base = synthetic_xray(256, 200, dtype=np.uint16)
+    image = base if dtype == np.uint16 else (base >> 8).astype(np.uint8)
+    np.testing.assert_allclose(preprocess(image), preprocess(base), atol=0.02)
+
+
+def test_sixteen_bit_png_is_decoded_at_full_depth():
+    image = (synthetic_xray(200, 200, dtype=np.uint16) >> 4)  # 12-bit data in 16-bit words
+    decoded = decode_image(encode(image))
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, image)
+    assert preprocess(encode(image)).max() == 1.0
+
+
+def test_rgb_and_rgba_equal_gray():
+    gray = synthetic_xray(240, 200)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    rgba = np.concatenate([rgb, np.full_like(gray, 255)[:, :, None]], axis=2)
+    expected = preprocess(gray)
+    np.testing.assert_allclose(preprocess(rgb), expected, atol=1e-5)
+    np.testing.assert_allclose(preprocess(rgba), expected, atol=1e-5)
+    np.testing.assert_allclose(preprocess(encode(rgba)), expected, atol=0.02)
+
+
+def test_exif_orientation_is_applied():
+    from io import BytesIO
+
+    from PIL import Image
+
+    image = synthetic_xray(300, 200)  # portrait
+    buffer = BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.fromarray(image).save(buffer, "JPEG", exif=exif)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.shape == (200, 300)
+
+
+def test_empty_and_garbage_are_refused():
+    with pytest.raises(InvalidImageError):
+        decode_image(b"")
+    with pytest.raises(UnsupportedImageError):
+        decode_image(b"<html><body>not an x-ray</body></html>")
+
+
+def test_truncated_jpeg_is_refused():
+    data = encode(synthetic_xray(300, 300), ".jpg")
+    with pytest.raises(InvalidImageError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    data = encode(np.zeros((400, 400), np.uint8))
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, DecodeLimits(max_pixels=100_000))
+
+
+@pytest.mark.parametrize("shape", [(10, 10), (1000, 100)])
+def test_too_small_or_elongated_is_refused(shape):
+    with pytest.raises(InvalidImageError):
+        decode_image(encode(np.zeros(shape, np.uint8)))
+
+
+def test_params_round_trip_and_validation():
+    params = PreprocessParams(geometry="center_crop", prefilter_size=None)
+    assert PreprocessParams.from_dict(params.to_dict()) == params
+    with pytest.raises(ValueError):
+        PreprocessParams(geometry="stretch")
+    with pytest.raises(ValueError):
+        PreprocessParams.from_dict({**params.to_dict(), "version": 99})
+    with pytest.raises(ValueError):
+        PreprocessParams.from_dict({**params.to_dict(), "clahe": True})

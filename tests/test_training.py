@@ -1,0 +1,127 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+from filelock import FileLock
+
+from model import PreprocessParams, Predictor, load_checkpoint
+from training import data as data_module
+from training import evaluate, train
+from training.data import DatasetError, load_split, patient_id, validation_split
+from training.metrics import binary_metrics, threshold_for_sensitivity
+
+
+def run_train(*argv):
+    return train.main(train.get_args_parser().parse_args(list(argv)))
+
+
+def test_dry_run_on_a_generated_folder_writes_a_loadable_checkpoint(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "ck.pt"
+    code = run_train("--data", str(tiny_dataset), "--out", str(out), "--epochs", "2", "--dry-run",
+                     "--cache-dir", str(tmp_path / "cache"), "--workers", "1")
+    assert code == 0
+    checkpoint = load_checkpoint(out, expected_preprocess=PreprocessParams())
+    assert checkpoint.training_data["dry_run"] is True
+    assert set(checkpoint.metrics) == {"validation", "test"}
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["version"] == checkpoint.version
+    assert "sens" in capsys.readouterr().out
+    assert Predictor.from_path(out).predict(np.random.default_rng(0).random((100, 90))).label in ("NORMAL", "PNEUMONIA")
+
+
+def test_evaluate_prints_the_table(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "ck.pt"
+    run_train("--data", str(tiny_dataset), "--out", str(out), "--epochs", "1", "--dry-run", "--workers", "1")
+    capsys.readouterr()
+    code = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--checkpoint", str(out), "--data", str(tiny_dataset), "--no-cache"]))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test" in printed and "AUC" in printed and "24 images" in printed
+
+
+def test_corrupt_image_is_skipped_with_a_warning_naming_it(tiny_dataset, caplog):
+    bad = tiny_dataset / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with caplog.at_level(logging.WARNING):
+        split = load_split(tiny_dataset, "train", PreprocessParams(), None, workers=1, progress=False)
+    assert "train/NORMAL/IM-9999-0001.jpeg" in caplog.text
+    assert len(split) == 24 and "train/NORMAL/IM-9999-0001.jpeg" not in split.files
+
+
+def test_cache_is_reused_and_keyed_by_parameters(tiny_dataset, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = load_split(tiny_dataset, "test", PreprocessParams(), cache, workers=1, progress=False)
+    calls = []
+    monkeypatch.setattr(data_module, "_preprocess_files", lambda *a, **k: calls.append(a) or [])
+    second = load_split(tiny_dataset, "test", PreprocessParams(), cache, workers=1, progress=False)
+    np.testing.assert_array_equal(first.images, second.images)
+    assert calls == []  # served from the cache
+    with pytest.raises(DatasetError):  # other parameters: a cache miss (and our stub decodes nothing)
+        load_split(tiny_dataset, "test", PreprocessParams(geometry="center_crop"), cache, workers=1, progress=False)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty_class", "no_split"])
+def test_bad_layouts_stop_with_a_clear_message(tmp_path, layout, caplog):
+    root = tmp_path / "data"
+    if layout != "missing":
+        (root / "train" / "NORMAL").mkdir(parents=True)
+        (root / "train" / "PNEUMONIA").mkdir(parents=True)
+    if layout == "empty_class":
+        (root / "test" / "NORMAL").mkdir(parents=True)
+        (root / "test" / "PNEUMONIA").mkdir(parents=True)
+    out = tmp_path / "ck.pt"
+    assert run_train("--data", str(root), "--out", str(out), "--dry-run") == 2
+    assert any(word in caplog.text for word in ("not found", "holds no images", "no test/"))
+    assert not out.exists()
+
+
+def test_a_second_concurrent_run_is_refused(tiny_dataset, tmp_path, caplog):
+    out = tmp_path / "ck.pt"
+    with FileLock(str(out) + ".lock"):
+        assert run_train("--data", str(tiny_dataset), "--out", str(out), "--dry-run") == 3
+    assert "another training run" in caplog.text
+    assert not out.exists()
+
+
+def test_failed_run_leaves_the_previous_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "ck.pt"
+    run_train("--data", str(tiny_dataset), "--out", str(out), "--epochs", "1", "--dry-run", "--workers", "1")
+    before = out.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(train, "evaluate", crash)
+    with pytest.raises(RuntimeError):
+        run_train("--data", str(tiny_dataset), "--out", str(out), "--epochs", "1", "--dry-run", "--workers", "1")
+    assert out.read_bytes() == before
+
+
+def test_patient_ids():
+    assert patient_id("train/PNEUMONIA/person1261_virus_2147.jpeg") == "person1261"
+    assert patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert patient_id("NORMAL2-IM-0381-0001.jpeg") == "NORMAL2-IM-0381"
+    assert patient_id("IM-0629-0001-0002.jpeg") == "IM-0629"
+
+
+def test_validation_split_never_splits_a_patient():
+    files = [f"person{i // 3}_bacteria_{i}.jpeg" for i in range(90)] + [f"IM-{i // 2:04d}-{i:04d}.jpeg" for i in range(60)]
+    labels = np.array([1] * 90 + [0] * 60)
+    train_idx, val_idx = validation_split(files, labels, 0.2, seed=0)
+    assert not {patient_id(files[i]) for i in train_idx} & {patient_id(files[i]) for i in val_idx}
+    assert 0.1 < len(val_idx) / len(files) < 0.3
+    assert 0.4 < labels[val_idx].mean() < 0.8  # stratified: close to the overall 0.6
+
+
+def test_threshold_meets_the_target_sensitivity():
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 200 + [0] * 100)
+    probs = np.concatenate([rng.uniform(0.3, 1, 200), rng.uniform(0, 0.6, 100)])
+    threshold = threshold_for_sensitivity(labels, probs, 0.98)
+    metrics = binary_metrics(labels, probs, threshold)
+    assert metrics["sensitivity"] >= 0.98
+    assert binary_metrics(labels, probs, threshold + 1e-3)["sensitivity"] < 0.98  # the highest such threshold
+    assert metrics["confusion"]["tp"] + metrics["confusion"]["fn"] == 200

@@ -1,0 +1,19 @@
+"""WSGI entry point: ``gunicorn wsgi:app`` (settings in gunicorn.conf.py).
+
+A bad checkpoint stops start-up with one line, not a traceback and not a
+half-working server.
+"""
+import logging
+import sys
+
+from model import CheckpointError
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+from app import create_app  # noqa: E402
+
+try:
+    app = create_app()
+except CheckpointError as exc:
+    print(f"pneumonia-screening: cannot start: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(3) from None
