@@ -1,0 +1,130 @@
+"""Hostile uploads through the form and the API: a clear 4xx or a correct prediction, never a 5xx."""
+import io
+import re
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app import create_app
+from conftest import encode, synthetic_xray
+from hostile import corpus
+from model import ImageError, preprocess
+
+CASES = corpus()
+VALID = encode(synthetic_xray(400, 320), ".png")
+
+
+@pytest.fixture(scope="module")
+def app():
+    return create_app({"TESTING": True, "SECRET_KEY": "hostile"})
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def expected_valid(app):
+    return app.extensions["predictor"].predict(VALID).probability
+
+
+def api(client, data, filename="x.png"):
+    return client.post("/api/v1/predict", data={"image": (io.BytesIO(data), filename)}, content_type="multipart/form-data")
+
+
+def form(client, data, filename="x.png"):
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").get_data(as_text=True)).group(1)
+    return client.post("/predict", data={"csrf_token": token, "image": (io.BytesIO(data), filename)},
+                       content_type="multipart/form-data")
+
+
+def check(response, expected, is_json):
+    assert response.status_code < 500
+    if expected == "refuse" or (expected == "either" and response.status_code != 200):
+        assert 400 <= response.status_code < 500
+        message = response.get_json()["error"] if is_json else response.get_data(as_text=True)
+        assert message and "Traceback" not in message
+    else:
+        assert response.status_code == 200
+        if is_json:
+            assert 0 <= response.get_json()["probability"] <= 1
+
+
+def test_corpus_has_at_least_30_files():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_api_and_form_answer_each_file_and_keep_serving(client, case, expected_valid):
+    _, filename, data, expected = case
+    check(api(client, data, filename), expected, is_json=True)
+    check(form(client, data, filename), expected, is_json=False)
+    after = api(client, VALID)
+    assert after.status_code == 200 and after.get_json()["probability"] == pytest.approx(expected_valid, abs=1e-6)
+
+
+def test_multipart_without_a_file_part(client):
+    response = client.post("/api/v1/predict", data={"note": "no file here"}, content_type="multipart/form-data")
+    assert response.status_code == 400 and "No file" in response.get_json()["error"]
+
+
+def test_two_file_parts(client):
+    response = client.post("/api/v1/predict", data={"image": (io.BytesIO(VALID), "a.png"), "other": (io.BytesIO(VALID), "b.png")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 400 and "exactly one" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "image/png", "application/x-www-form-urlencoded"])
+def test_wrong_content_type(client, content_type):
+    response = client.post("/api/v1/predict", data=VALID, content_type=content_type)
+    assert response.status_code == 400 and "No file" in response.get_json()["error"]
+
+
+def test_memory_stays_bounded_across_the_corpus(client):
+    process = psutil.Process()
+    for case in CASES:  # warm-up pass: allocator pools, lazy imports
+        api(client, case[2], case[1])
+    before = process.memory_info().rss
+    for _ in range(3):
+        for case in CASES:
+            api(client, case[2], case[1])
+    grown_mb = (process.memory_info().rss - before) / 1024**2
+    print(f"RSS growth over 3 passes of {len(CASES)} files: {grown_mb:.1f} MB")
+    assert grown_mb < 50
+
+
+# ---- property-based: decode + preprocessing on random and mutated bytes --------------
+
+SEEDS = [encode(synthetic_xray(160, 140), ext) for ext in (".png", ".jpg", ".bmp", ".tiff")]
+
+
+def assert_clean(data: bytes):
+    try:
+        out = preprocess(data)
+    except ImageError:
+        return
+    assert out.shape == (64, 64) and 0 <= out.min() and out.max() <= 1
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_random_bytes_raise_only_our_error(data):
+    assert_clean(data)
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(range(len(SEEDS))),
+    edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=12),
+    cut=st.one_of(st.none(), st.floats(0.05, 1)),
+)
+def test_mutated_images_raise_only_our_error(seed, edits, cut):
+    data = bytearray(SEEDS[seed])
+    for position, value in edits:
+        data[int(position * len(data))] = value
+    if cut is not None:
+        data = data[: max(1, int(cut * len(data)))]
+    assert_clean(bytes(data))
