@@ -10,7 +10,7 @@ import secrets
 import time
 from pathlib import Path
 
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 
 from model import DecodeLimits, Predictor
 
@@ -68,6 +68,5 @@ def create_app(config: dict | None = None) -> Flask:
 
 
 def get_predictor() -> Predictor:
-    from flask import current_app
-
+    """The predictor loaded at start-up (one per process, shared by its threads)."""
     return current_app.extensions["predictor"]

@@ -1,25 +1,56 @@
 """JSON API for other systems (PACS bridges, scripts) and the health check."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+import base64
+
+from flask import Blueprint, current_app, jsonify, request
+
+from model import ImageError, Prediction
 
 from . import get_predictor
-from .uploads import read_single_upload
+from .errors import status_for
+from .render import saliency_png
+from .uploads import read_batch_upload, read_single_upload
 
 bp = Blueprint("api", __name__)
 
 
+def wants_saliency() -> bool:
+    return request.args.get("saliency", request.form.get("saliency", "")).lower() in ("1", "true", "yes", "on")
+
+
+def prediction_json(prediction: Prediction) -> dict:
+    body = {
+        "probability": round(prediction.probability, 6),
+        "label": prediction.label,
+        "threshold": round(prediction.threshold, 6),
+        "model_version": get_predictor().version,
+        "in_distribution": prediction.in_distribution,
+        "ood_score": None if prediction.ood_score is None else round(prediction.ood_score, 4),
+    }
+    if prediction.saliency is not None:
+        body["saliency_png"] = base64.b64encode(saliency_png(prediction.aligned, prediction.saliency)).decode("ascii")
+    return body
+
+
 @bp.post("/api/v1/predict")
 def predict():
-    """multipart/form-data with one file in ``image`` -> probability and decision."""
+    """multipart/form-data with one file in ``image`` -> probability, decision, gate."""
+    prediction = get_predictor().predict(read_single_upload(request), saliency=wants_saliency())
+    return jsonify(prediction_json(prediction))
+
+
+@bp.post("/api/v1/predict/batch")
+def predict_batch():
+    """Several files in ``images`` -> one result or one error per file, in upload order."""
     predictor = get_predictor()
-    prediction = predictor.predict(read_single_upload(request))
-    return jsonify(
-        probability=round(prediction.probability, 6),
-        label=prediction.label,
-        threshold=round(prediction.threshold, 6),
-        model_version=predictor.version,
-    )
+    results = []
+    for name, data in read_batch_upload(request, current_app.config["MAX_BATCH_FILES"]):
+        try:
+            results.append({"filename": name, **prediction_json(predictor.predict(data))})
+        except ImageError as error:
+            results.append({"filename": name, "error": str(error), "status": status_for(error)})
+    return jsonify(results=results, threshold=round(predictor.threshold, 6), model_version=predictor.version)
 
 
 @bp.get("/healthz")

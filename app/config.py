@@ -26,6 +26,7 @@ def from_environment() -> dict:
         "DATASET_DIR": str(data_dir()),
         "MAX_CONTENT_LENGTH": int(float(env.get("MAX_UPLOAD_MB", "20")) * 1024 * 1024),
         "MAX_IMAGE_PIXELS": int(float(env.get("MAX_IMAGE_MEGAPIXELS", "40")) * 1_000_000),
+        "MAX_BATCH_FILES": int(env.get("MAX_BATCH_FILES", "20")),
         "SECRET_KEY": env.get("SECRET_KEY"),
         "WTF_CSRF_TIME_LIMIT": None,  # a clinician may leave the upload page open all shift
     }

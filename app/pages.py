@@ -1,22 +1,27 @@
-"""The clinician's pages: upload, result and the model card."""
+"""The clinician's pages: upload, result, batch results and the model card."""
 from __future__ import annotations
 
 from flask import Blueprint, current_app, redirect, render_template, request, url_for
 
+from model import ImageError
+
 from . import get_predictor
-from .render import png_data_uri, roc_polyline
-from .uploads import read_single_upload
+from .errors import status_for
+from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
+from .uploads import read_batch_upload, read_single_upload
 
 bp = Blueprint("pages", __name__)
 
-ACCEPTED_FORMATS = "JPEG, PNG (8- or 16-bit), TIFF, BMP, WebP"
+ACCEPTED_FORMATS = "JPEG, PNG (8- or 16-bit), DICOM (CR/DX), TIFF, BMP, WebP"
 
 
 def upload_limits() -> dict:
+    config = current_app.config
     return {
         "formats": ACCEPTED_FORMATS,
-        "max_mb": current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024),
-        "max_megapixels": current_app.config["MAX_IMAGE_PIXELS"] / 1e6,
+        "max_mb": config["MAX_CONTENT_LENGTH"] / (1024 * 1024),
+        "max_megapixels": config["MAX_IMAGE_PIXELS"] / 1e6,
+        "max_batch": config["MAX_BATCH_FILES"],
     }
 
 
@@ -28,19 +33,35 @@ def index():
 @bp.post("/predict")
 def predict():
     predictor = get_predictor()
-    prediction = predictor.predict(read_single_upload(request))
+    prediction = predictor.predict(read_single_upload(request), saliency=True)
     return render_template(
         "result.html",
         prediction=prediction,
         percent=100 * prediction.probability,
         input_uri=png_data_uri(prediction.model_input),
         aligned_uri=png_data_uri(prediction.aligned),
+        saliency_uri=png_bytes_data_uri(saliency_png(prediction.aligned, prediction.saliency)),
         model=predictor.checkpoint,
         test_metrics=predictor.checkpoint.metrics.get("test", {}),
     )
 
 
+@bp.post("/predict/batch")
+def predict_batch():
+    predictor = get_predictor()
+    rows = []
+    for name, data in read_batch_upload(request, current_app.config["MAX_BATCH_FILES"]):
+        try:
+            rows.append({"name": name, "prediction": predictor.predict(data)})
+        except ImageError as error:
+            rows.append({"name": name, "error": str(error), "status": status_for(error)})
+    # Most suspicious first (the table re-sorts in the browser); refusals last.
+    rows.sort(key=lambda r: -r["prediction"].probability if "prediction" in r else 2.0)
+    return render_template("batch.html", rows=rows, model=predictor.checkpoint)
+
+
 @bp.get("/predict")
+@bp.get("/predict/batch")
 def predict_get():
     return redirect(url_for("pages.index"))
 
@@ -54,4 +75,5 @@ def model_card():
         model=checkpoint,
         metrics=metrics,
         roc_lines={name: roc_polyline(m.get("roc")) for name, m in metrics.items()},
+        reliability={name: reliability_bars(m["calibration"]["bins"]) for name, m in metrics.items() if "calibration" in m},
     )

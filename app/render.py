@@ -11,9 +11,7 @@ def png_data_uri(gray: np.ndarray) -> str:
     """A float image in [0, 1] as an inline PNG."""
     pixels = np.clip(np.asarray(gray) * 255 + 0.5, 0, 255).astype(np.uint8)
     ok, buffer = cv2.imencode(".png", pixels)
-    if not ok:  # pragma: no cover - encoding a uint8 array does not fail
-        raise RuntimeError("PNG encoding failed")
-    return "data:image/png;base64," + base64.b64encode(buffer.tobytes()).decode("ascii")
+    return png_bytes_data_uri(buffer.tobytes())
 
 
 def roc_polyline(roc: dict | None, size: int = 240) -> str:
@@ -21,3 +19,30 @@ def roc_polyline(roc: dict | None, size: int = 240) -> str:
     if not roc:
         return ""
     return " ".join(f"{fpr * size:.1f},{(1 - tpr) * size:.1f}" for fpr, tpr in zip(roc["fpr"], roc["tpr"]))
+
+
+def saliency_png(gray: np.ndarray, heat: np.ndarray, side: int = 256) -> bytes:
+    """The heat map (0..1) in a red-yellow colour map over the gray image, as PNG bytes."""
+    base = cv2.resize(np.clip(gray, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_NEAREST)
+    heat = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
+    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET).astype(np.float32) / 255
+    gray3 = np.repeat(base[:, :, None], 3, axis=2)
+    alpha = 0.55 * np.clip(heat, 0, 1)[:, :, None]  # cold regions keep the film visible
+    blended = (1 - alpha) * gray3 + alpha * colour
+    ok, buffer = cv2.imencode(".png", np.uint8(np.clip(blended, 0, 1) * 255))
+    return buffer.tobytes()
+
+
+def png_bytes_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def reliability_bars(bins: list[dict], size: int = 240) -> list[dict]:
+    """SVG rectangles for a reliability diagram: observed rate per predicted-probability bin."""
+    bars = []
+    for b in bins:
+        height = b["observed"] * size
+        bars.append({"x": b["low"] * size + 1, "width": (b["high"] - b["low"]) * size - 2,
+                     "y": size - height, "height": height, "count": b["count"],
+                     "mean_y": size - b["mean_probability"] * size})
+    return bars

@@ -23,9 +23,13 @@ class UploadError(ImageError):
     """A request that carries no usable file; the message is for users."""
 
 
+def _all_files(request: Request) -> list[FileStorage]:
+    return [f for name in request.files for f in request.files.getlist(name)]
+
+
 def read_single_upload(request: Request, field: str = "image") -> bytes:
     """The bytes of exactly one uploaded file in ``field``."""
-    files: list[FileStorage] = [f for name in request.files for f in request.files.getlist(name)]
+    files = _all_files(request)
     chosen = request.files.getlist(field)
     if not files:
         raise UploadError(f"No file was uploaded: send one image in the form field '{field}'.")
@@ -37,3 +41,20 @@ def read_single_upload(request: Request, field: str = "image") -> bytes:
     if not data:
         raise UploadError("The uploaded file is empty.")
     return data
+
+
+def read_batch_upload(request: Request, limit: int, field: str = "images") -> list[tuple[str, bytes]]:
+    """(display name, bytes) of every file in ``field``; empty files stay in, to be refused per row."""
+    files = [f for f in request.files.getlist(field) if f.filename or f.content_length]
+    if not files:
+        raise UploadError(f"No files were uploaded: send one or more images in the form field '{field}'.")
+    if len(files) > limit:
+        raise UploadError(f"{len(files)} files were uploaded; a batch holds at most {limit}.")
+    return [(display_name(f.filename, i), f.read()) for i, f in enumerate(files, 1)]
+
+
+def display_name(filename: str | None, position: int) -> str:
+    """The client's file name, shown back to the same user only (never stored or logged)."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())[:120]
+    return name or f"file {position}"

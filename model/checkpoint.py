@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .gate import OODGate
 from .network import Ensemble, NetworkConfig, PneumoniaNet
 from .preprocess import PreprocessParams
 
@@ -39,6 +40,9 @@ class Checkpoint:
     threshold_rule: str = ""
     training_data: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # {"validation": {...}, "test": {...}}
+    #: probability = sigmoid(logit / temperature + bias), fitted on validation data
+    calibration: dict = field(default_factory=lambda: {"temperature": 1.0, "bias": 0.0})
+    gate: OODGate | None = None
 
     @cached_property
     def model(self) -> Ensemble:
@@ -63,6 +67,8 @@ class Checkpoint:
             "class_names": list(self.class_names),
             "training_data": self.training_data,
             "metrics": self.metrics,
+            "calibration": {k: float(v) for k, v in self.calibration.items()},
+            "gate": self.gate.to_dict() if self.gate is not None else None,
         }
 
 
@@ -120,8 +126,10 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
             threshold_rule=str(raw.get("threshold_rule", "")),
             training_data=dict(raw.get("training_data", {})),
             metrics=dict(raw.get("metrics", {})),
+            calibration={k: float(v) for k, v in raw.get("calibration", {"temperature": 1.0, "bias": 0.0}).items()},
+            gate=OODGate.from_dict(raw["gate"]) if raw.get("gate") is not None else None,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path} is incompatible with this code: {exc}") from None
     if expected_preprocess is not None and preprocess != expected_preprocess:
         raise CheckpointError(
@@ -134,6 +142,8 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
         raise CheckpointError(f"checkpoint {path}: threshold {checkpoint.threshold} is not a probability")
     if checkpoint.class_names != CLASS_NAMES:
         raise CheckpointError(f"checkpoint {path}: classes {checkpoint.class_names} are not {CLASS_NAMES}")
+    if set(checkpoint.calibration) != {"temperature", "bias"} or checkpoint.calibration["temperature"] <= 0:
+        raise CheckpointError(f"checkpoint {path}: calibration {checkpoint.calibration} is not a valid temperature scaling")
     if not checkpoint.state_dicts:
         raise CheckpointError(f"checkpoint {path} holds no weights")
     try:

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 PREPROCESS_VERSION = 1
 
 GEOMETRIES = ("squash", "center_crop")
+EQUALIZATIONS = ("none", "hist", "clahe")
 INTERPOLATIONS = {"cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 
 
@@ -60,11 +61,14 @@ class PreprocessParams:
     geometry: str = "squash"
     interpolation: str = "cubic"
     prefilter_size: int | None = 224
+    equalize: str = "none"
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self):
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"unknown geometry {self.geometry!r}; expected one of {GEOMETRIES}")
+        if self.equalize not in EQUALIZATIONS:
+            raise ValueError(f"unknown equalization {self.equalize!r}; expected one of {EQUALIZATIONS}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
         if not isinstance(self.size, int) or not 8 <= self.size <= 1024:
@@ -106,6 +110,12 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     """
     if not data:
         raise InvalidImageError("The file is empty.")
+    if data[128:132] == b"DICM":
+        from .dicom import decode_dicom
+
+        array = decode_dicom(data, lambda w, h: _check_size(w, h, limits))
+        _check_size(array.shape[1], array.shape[0], limits)
+        return array
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
@@ -185,6 +195,8 @@ def preprocess(
         gray = gray[top : top + side, left : left + side]
     if params.prefilter_size is not None:
         gray = _resize(gray, params.prefilter_size, cv2.INTER_AREA)
+    if params.equalize != "none":
+        gray = _equalize(gray, params.equalize)
     out = _resize(gray, params.size, INTERPOLATIONS[params.interpolation])
     low, high = float(out.min()), float(out.max())
     if high - low < 1e-6:
@@ -199,6 +211,16 @@ def _resize(gray: np.ndarray, side: int, shrink_interpolation: int) -> np.ndarra
     enlarging = side > min(height, width)
     interpolation = cv2.INTER_CUBIC if enlarging and shrink_interpolation == cv2.INTER_AREA else shrink_interpolation
     return cv2.resize(gray, (side, side), interpolation=interpolation)
+
+
+def _equalize(gray: np.ndarray, method: str) -> np.ndarray:
+    low, high = float(gray.min()), float(gray.max())
+    pixels = np.round((gray - low) / max(high - low, 1e-6) * 255).astype(np.uint8)
+    if method == "hist":
+        pixels = cv2.equalizeHist(pixels)
+    else:
+        pixels = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(pixels)
+    return pixels.astype(np.float32) / 255
 
 
 def _pil_to_gray(image: Image.Image) -> np.ndarray:

@@ -72,7 +72,8 @@ def test_result_page_shows_probability_decision_threshold_images_and_disclaimer(
     threshold = app.extensions["predictor"].threshold
     assert decision == ("PNEUMONIA suspected" if probability / 100 >= threshold - 5e-4 else "NORMAL")
     assert f"{100 * threshold:.1f}%" in html
-    assert html.count('src="data:image/png;base64,') == 2
+    assert html.count('src="data:image/png;base64,') == 3  # model input, aligned, heat map
+    assert "Where the model looked" in html
     assert "not a diagnosis" in html
     assert app.extensions["predictor"].version in html
     assert "specificity" in html and 'href="/"' in html
@@ -123,7 +124,7 @@ def test_api_predict_answers_the_documented_fields(client, app):
     response = api_post(client, XRAY)
     body = response.get_json()
     assert response.status_code == 200
-    assert set(body) == {"probability", "label", "threshold", "model_version"}
+    assert set(body) == {"probability", "label", "threshold", "model_version", "in_distribution", "ood_score"}
     assert 0 <= body["probability"] <= 1
     assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")
     assert body["model_version"] == app.extensions["predictor"].version

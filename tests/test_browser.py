@@ -74,7 +74,7 @@ def test_upload_a_real_xray_through_the_form(browser, live_server, real_data):
     assert probability.endswith("%") and 0 <= float(probability[:-1]) <= 100
     assert decision in ("PNEUMONIA suspected", "NORMAL")
     images = browser.find_elements(By.CSS_SELECTOR, ".images img")
-    assert len(images) == 2 and all(img.get_property("naturalWidth") == 64 for img in images)
+    assert [img.get_property("naturalWidth") for img in images] == [64, 64, 256]  # input, aligned, heat map
     assert resource_origins(browser) == {live_server}
     assert severe_console_messages(browser) == []
 
@@ -84,3 +84,35 @@ def test_pages_load_nothing_from_another_origin(browser, live_server):
         browser.get(live_server + path)
         assert resource_origins(browser) == {live_server}, path
         assert severe_console_messages(browser) == [], path
+
+
+FIND_CANVASES = """
+const found = [];
+const walk = (root) => {
+  root.querySelectorAll('*').forEach((el) => {
+    if (el.tagName === 'CANVAS') found.push([el.width, el.height]);
+    if (el.shadowRoot) walk(el.shadowRoot);
+  });
+};
+walk(document);
+return found;
+"""
+
+
+def test_analysis_page_renders_the_bokeh_plot(browser, live_server):
+    import time
+
+    from model.settings import DEFAULT_TSNE_ARTIFACT
+
+    assert DEFAULT_TSNE_ARTIFACT.is_file(), "the bundled t-SNE artifact is missing"
+    browser.get(live_server + "/analysis")
+    deadline = time.monotonic() + 30
+    canvases = []
+    while time.monotonic() < deadline:
+        canvases = [c for c in browser.execute_script(FIND_CANVASES) if c[0] > 0 and c[1] > 0]
+        if len(canvases) >= 2:
+            break
+        time.sleep(0.25)
+    assert len(canvases) >= 2, canvases  # the training and the test plot
+    assert severe_console_messages(browser) == []
+    assert resource_origins(browser) == {live_server}

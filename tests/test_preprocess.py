@@ -122,6 +122,23 @@ def test_params_round_trip_and_validation():
     with pytest.raises(ValueError):
         PreprocessParams(geometry="stretch")
     with pytest.raises(ValueError):
+        PreprocessParams(equalize="gamma")
+    with pytest.raises(ValueError):
         PreprocessParams.from_dict({**params.to_dict(), "version": 99})
     with pytest.raises(ValueError):
         PreprocessParams.from_dict({**params.to_dict(), "clahe": True})
+
+
+def test_histogram_equalisation_undoes_an_exposure_change():
+    image = synthetic_xray(300, 260).astype(np.float32) / 255
+    params = PreprocessParams(equalize="hist")
+    gap = np.abs(preprocess(image**2, params) - preprocess(np.sqrt(image), params)).mean()
+    plain_gap = np.abs(preprocess(image**2) - preprocess(np.sqrt(image))).mean()
+    assert gap < plain_gap / 4
+
+
+def test_clahe_changes_local_contrast_within_the_unit_range():
+    image = synthetic_xray(300, 260)
+    out = preprocess(image, PreprocessParams(equalize="clahe"))
+    assert out.min() == 0 and out.max() == 1
+    assert np.abs(out - preprocess(image)).mean() > 0.01

@@ -125,3 +125,10 @@ def test_threshold_meets_the_target_sensitivity():
     assert metrics["sensitivity"] >= 0.98
     assert binary_metrics(labels, probs, threshold + 1e-3)["sensitivity"] < 0.98  # the highest such threshold
     assert metrics["confusion"]["tp"] + metrics["confusion"]["fn"] == 200
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = tmp_path / "ck.pt"
+    assert run_train("--data", str(tiny_dataset), "--out", str(out), "--dry-run", "--device", "cuda") == 2
+    assert "no CUDA device" in caplog.text and not out.exists()

@@ -15,12 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from model import CheckpointError, load_checkpoint
+import numpy as np
+
+from model import CheckpointError, Predictor, load_checkpoint
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
 
-from .data import DatasetError, load_split
+from .calibrate import reliability
+from .data import DatasetError, Split, load_split
 from .metrics import binary_metrics, format_table
-from .train import predict_probabilities
 
 log = logging.getLogger("training")
 
@@ -39,6 +41,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def evaluate(predictor: Predictor, split: Split, threshold: float | None = None, batch_size: int = 512) -> dict:
+    """Screening metrics, calibration and the gate's flag rate of ``predictor`` on ``split``."""
+    outputs = [predictor.predict_batch(split.images[i : i + batch_size]) for i in range(0, len(split), batch_size)]
+    probabilities = np.concatenate([o.probabilities for o in outputs])
+    metrics = binary_metrics(split.labels, probabilities, predictor.threshold if threshold is None else threshold)
+    metrics["calibration"] = reliability(split.labels, probabilities)
+    if outputs and outputs[0].ood_scores is not None:
+        metrics["ood_flagged"] = float(np.mean(np.concatenate([o.ood_scores for o in outputs]) > 1))
+    return metrics
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     started = time.perf_counter()
@@ -53,12 +66,12 @@ def main(args) -> int:
     except (CheckpointError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
-    probabilities = predict_probabilities(checkpoint.model, split.images, "cpu")
-    threshold = checkpoint.threshold if args.threshold is None else args.threshold
-    metrics = binary_metrics(split.labels, probabilities, threshold)
+    metrics = evaluate(Predictor(checkpoint), split, args.threshold)
     print(f"checkpoint {checkpoint.version}, preprocessing {params.to_dict()}")
     print(format_table({args.split: metrics}))
-    print(f"threshold {threshold:.4f}; {len(split)} images in {time.perf_counter() - started:.1f} s")
+    flagged = f"; out-of-population flagged {metrics['ood_flagged']:.1%}" if "ood_flagged" in metrics else ""
+    print(f"threshold {metrics['threshold']:.4f}; ECE {metrics['calibration']['ece']:.4f}{flagged}; "
+          f"{len(split)} images in {time.perf_counter() - started:.1f} s")
     return 0
 
 

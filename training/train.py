@@ -25,12 +25,16 @@ from filelock import FileLock, Timeout
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import Checkpoint, Ensemble, NetworkConfig, PneumoniaNet, PreprocessParams, save_checkpoint
+from model import Checkpoint, Ensemble, NetworkConfig, PneumoniaNet, Predictor, PreprocessParams, save_checkpoint
+from model.predictor import calibrate
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
 
 from .augment import augment
+from .calibrate import fit_temperature
 from .data import DatasetError, Split, load_split, validation_split
+from .evaluate import evaluate
 from .metrics import binary_metrics, format_table, threshold_for_sensitivity
+from .ood import fit_gate
 
 log = logging.getLogger("training")
 
@@ -49,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of train/ patients held out")
     parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
     parser.add_argument("--geometry", choices=("squash", "center_crop"), default=PreprocessParams().geometry)
+    parser.add_argument("--equalize", choices=("none", "hist", "clahe"), default=PreprocessParams().equalize)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
@@ -84,18 +89,20 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
 
 
 @torch.inference_mode()
-def predict_probabilities(model, images: np.ndarray, device, batch_size: int = 256) -> np.ndarray:
+def infer_all(model, images: np.ndarray, device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Raw logits and penultimate features of every image, in eval mode."""
     model.eval()
-    out = []
+    logits, features = [], []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).unsqueeze(1).to(device)
-        out.append(torch.sigmoid(model(x)).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+        out = model.infer(torch.from_numpy(images[start : start + batch_size]).unsqueeze(1).to(device))
+        logits.append(out.logits.float().cpu().numpy())
+        features.append(out.features.float().cpu().numpy())
+    return np.concatenate(logits).astype(np.float64), np.concatenate(features)
 
 
-def evaluate(model, split: Split, device, threshold: float) -> dict:
-    """Metrics of ``model`` on ``split`` at ``threshold``."""
-    return binary_metrics(split.labels, predict_probabilities(model, split.images, device), threshold)
+def predict_probabilities(model, images: np.ndarray, device) -> np.ndarray:
+    """Uncalibrated probabilities: enough for AUC while training (calibration is monotonic)."""
+    return 1 / (1 + np.exp(-infer_all(model, images, device)[0]))
 
 
 def train_member(args, member: int, train: Split, val: Split, device) -> tuple[PneumoniaNet, dict]:
@@ -159,7 +166,7 @@ def main(args) -> int:
 
 def _run(args, device) -> int:
     started = time.perf_counter()
-    params = PreprocessParams(geometry=args.geometry)
+    params = PreprocessParams(geometry=args.geometry, equalize=args.equalize)
     limit = 48 if args.dry_run else None
     full = load_split(args.data, "train", params, args.cache_dir, args.workers, limit=limit)
     test = load_split(args.data, "test", params, args.cache_dir, args.workers, limit=limit)
@@ -173,13 +180,12 @@ def _run(args, device) -> int:
         members.append(net)
         member_logs.append(info)
     model = Ensemble(members).eval()
-
-    val_probs = predict_probabilities(model, val.images, torch.device("cpu"))
-    threshold = threshold_for_sensitivity(val.labels, val_probs, args.target_sensitivity)
-    results = {
-        "validation": binary_metrics(val.labels, val_probs, threshold),
-        "test": evaluate(model, test, torch.device("cpu"), threshold),
-    }
+    cpu = torch.device("cpu")
+    train_logits, train_features = infer_all(model, train.images, cpu)
+    val_logits, val_features = infer_all(model, val.images, cpu)
+    calibration = fit_temperature(val_logits, val.labels)
+    gate = fit_gate(train_features, train.labels, train.images, val_features, val.images)
+    threshold = threshold_for_sensitivity(val.labels, calibrate(val_logits, calibration), args.target_sensitivity)
     state_dicts = [m.state_dict() for m in members]
     created = dt.datetime.now(dt.timezone.utc)
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for s in state_dicts for t in s.values())).hexdigest()[:8]
@@ -205,13 +211,21 @@ def _run(args, device) -> int:
             "seed": args.seed,
             "dry_run": bool(args.dry_run),
         },
-        metrics=results,
+        calibration=calibration,
+        gate=gate,
     )
+    predictor = Predictor(checkpoint)
+    results = {"validation": evaluate(predictor, val), "test": evaluate(predictor, test)}
+    checkpoint.metrics = results
     save_checkpoint(checkpoint, args.out)
     metrics_path = args.out.with_suffix(".metrics.json")
     metrics_path.write_text(json.dumps({"version": checkpoint.version, "threshold": threshold, **results}, indent=2))
     print(format_table(results))
-    print(f"threshold {threshold:.4f} ({args.target_sensitivity} target sensitivity on validation)")
+    print(f"threshold {threshold:.4f} ({args.target_sensitivity} target sensitivity on validation); "
+          f"calibration T={calibration['temperature']:.3f} b={calibration['bias']:.3f}; "
+          f"ECE validation {results['validation']['calibration']['ece']:.4f}, test {results['test']['calibration']['ece']:.4f}; "
+          f"out-of-population flagged: validation {results['validation']['ood_flagged']:.1%}, "
+          f"test {results['test']['ood_flagged']:.1%}")
     print(f"wrote {args.out} ({checkpoint.version}) and {metrics_path} in {time.perf_counter() - started:.0f} s")
     if not args.dry_run:
         print("The t-SNE page still shows the previous model: refresh it with python -m training.tsne")

@@ -65,9 +65,9 @@ def build_artifact(args) -> dict:
     log.info("[1/%d] model probabilities and features for %d images", steps, len(images))
     probabilities, features = [], []
     for start in range(0, len(images), 512):
-        p, _, f = predictor.predict_batch(images[start : start + 512])
-        probabilities.append(p)
-        features.append(f)
+        out = predictor.predict_batch(images[start : start + 512])
+        probabilities.append(out.probabilities)
+        features.append(out.features)
     probabilities, features = np.concatenate(probabilities), np.concatenate(features)
     predicted = (probabilities >= predictor.threshold).astype(int)
     started = time.perf_counter()

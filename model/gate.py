@@ -1,0 +1,70 @@
+"""Out-of-population gate: is this image like the pediatric chest films we trained on?
+
+Two distances, each with a threshold set on validation data:
+- feature distance: Mahalanobis distance of the network's penultimate features to the
+  nearer class mean (shared, shrunk covariance), which catches images the network
+  represents unlike any training film;
+- pixel error: how badly a PCA basis of the training inputs reconstructs the 64x64
+  input, which catches photos, documents and other modalities whose features may
+  happen to fall near a class.
+``ood_score`` is the larger of the two, each divided by its threshold: above 1 is
+out of population.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class OODGate:
+    class_means: np.ndarray  # (2, D)
+    precision: np.ndarray  # (D, D) inverse of the shared covariance
+    pixel_mean: np.ndarray  # (P,)
+    pixel_components: np.ndarray  # (K, P), orthonormal rows
+    feature_threshold: float
+    pixel_threshold: float
+    rule: str = ""
+
+    def feature_distance(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float64)
+        distances = []
+        for mean in self.class_means:
+            delta = features - mean
+            distances.append(np.einsum("nd,de,ne->n", delta, self.precision, delta))
+        return np.sqrt(np.maximum(np.min(distances, axis=0), 0))
+
+    def pixel_error(self, inputs: np.ndarray) -> np.ndarray:
+        flat = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1) - self.pixel_mean
+        residual = flat - (flat @ self.pixel_components.T) @ self.pixel_components
+        return np.sqrt(np.mean(residual**2, axis=1))
+
+    def scores(self, features: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        return np.maximum(
+            self.feature_distance(features) / self.feature_threshold,
+            self.pixel_error(inputs) / self.pixel_threshold,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "class_means": torch.from_numpy(np.asarray(self.class_means, dtype=np.float32)),
+            "precision": torch.from_numpy(np.asarray(self.precision, dtype=np.float32)),
+            "pixel_mean": torch.from_numpy(np.asarray(self.pixel_mean, dtype=np.float32)),
+            "pixel_components": torch.from_numpy(np.asarray(self.pixel_components, dtype=np.float32)),
+            "feature_threshold": float(self.feature_threshold),
+            "pixel_threshold": float(self.pixel_threshold),
+            "rule": self.rule,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OODGate":
+        arrays = {k: data[k].numpy().astype(np.float64) for k in ("class_means", "precision", "pixel_mean", "pixel_components")}
+        gate = cls(**arrays, feature_threshold=float(data["feature_threshold"]),
+                   pixel_threshold=float(data["pixel_threshold"]), rule=str(data.get("rule", "")))
+        if gate.feature_threshold <= 0 or gate.pixel_threshold <= 0:
+            raise ValueError("gate thresholds must be positive")
+        if gate.precision.shape != (gate.class_means.shape[1],) * 2:
+            raise ValueError("gate precision does not match its class means")
+        return gate

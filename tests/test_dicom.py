@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from conftest import synthetic_xray
+from dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
+from model import InvalidImageError, decode_image, preprocess
+
+XRAY = synthetic_xray(320, 280)
+
+
+def test_monochrome2_twelve_bit_matches_the_png_path():
+    decoded = preprocess(make_dicom(twelve_bit(XRAY)))
+    np.testing.assert_allclose(decoded, preprocess(XRAY), atol=0.02)
+
+
+def test_monochrome1_is_inverted():
+    inverted = twelve_bit(255 - XRAY)
+    np.testing.assert_allclose(preprocess(make_dicom(inverted, photometric="MONOCHROME1")), preprocess(XRAY), atol=0.02)
+
+
+def test_voi_window_is_applied():
+    pixels = twelve_bit(XRAY)
+    windowed = decode_image(make_dicom(pixels, window=(1600, 800)))
+    plain = decode_image(make_dicom(pixels))
+    # the window clips everything outside 1200..2000: more pixels pinned at the ends
+    assert np.mean((windowed == 0) | (windowed == 1)) > np.mean((plain == 0) | (plain == 1)) + 0.1
+
+
+def test_sixteen_bit_data():
+    pixels = (XRAY.astype(np.uint16) * 257).astype(np.uint16)
+    np.testing.assert_allclose(preprocess(make_dicom(pixels, bits_stored=16)), preprocess(XRAY), atol=0.02)
+
+
+def test_rle_compressed_dicom_decodes():
+    np.testing.assert_allclose(preprocess(make_dicom(twelve_bit(XRAY), compress=True)), preprocess(XRAY), atol=0.02)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [({"pixel_data": False}, "no pixel data"), ({"modality": "CT"}, "CT study"), ({"modality": "MR"}, "MR study"),
+     ({"frames": 3}, "3 frames")],
+)
+def test_refusals(kwargs, words):
+    with pytest.raises(InvalidImageError, match=words):
+        decode_image(make_dicom(twelve_bit(XRAY), **kwargs))
+
+
+def test_truncated_dicom_is_refused():
+    data = make_dicom(twelve_bit(XRAY))
+    with pytest.raises(InvalidImageError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_refusal_messages_name_no_patient():
+    for kwargs in ({"pixel_data": False}, {"modality": "CT"}, {"frames": 2}):
+        with pytest.raises(InvalidImageError) as error:
+            decode_image(make_dicom(twelve_bit(XRAY), **kwargs))
+        assert PATIENT_NAME not in str(error.value) and PATIENT_ID not in str(error.value)
