@@ -1,6 +1,6 @@
 # The two commands of the README: `make serve` and `make test`. Both set up everything
 # they need on a fresh machine (a virtual environment in .venv from requirements-dev.txt).
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000

@@ -50,11 +50,16 @@ def browser_load_seconds(url: str) -> float | None:
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="keep the artifact here (default: discard)")
+    args = parser.parse_args()
     if not (data_dir() / "train").is_dir():
         print(f"dataset not found at {data_dir()}: set CHEST_XRAY_DATA")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = Path(tmp) / "tsne.npz"
+        artifact = args.out or Path(tmp) / "tsne.npz"
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "training.tsne", "--out", str(artifact)], cwd=ROOT, check=True)
         print(f"t-SNE artifact for the full dataset: {time.perf_counter() - started:.0f} s wall (goal <= 120),"
@@ -67,16 +72,16 @@ def main() -> int:
         app = create_app({"SECRET_KEY": "bench", "TSNE_ARTIFACT": str(artifact)})
         client = app.test_client()
         started = time.perf_counter()
-        html = client.get("/analysis").get_data()
+        html = client.get("/analysis").get_data(as_text=True)
         first = time.perf_counter() - started
         started = time.perf_counter()
         client.get("/analysis")
         again = time.perf_counter() - started
         import re
 
-        js = [client.get(src.split("?")[0]).get_data() for src in re.findall(rb'<script src="([^"]+)"', html)
-              if src.startswith(b"/")]
-        print(f"page: {len(html) / 1024:.0f} KB HTML + {sum(map(len, js)) / 1024:.0f} KB BokehJS;"
+        js = [client.get(src.split("?")[0]).get_data() for src in re.findall(r'<script src="([^"]+)"', html)
+              if src.startswith("/")]
+        print(f"page: {len(html.encode()) / 1024:.0f} KB HTML + {sum(map(len, js)) / 1024:.0f} KB BokehJS;"
               f" server render {first * 1000:.0f} ms first, {again * 1000:.0f} ms cached")
         server = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()

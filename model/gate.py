@@ -7,8 +7,10 @@ Two distances, each with a threshold set on validation data:
 - pixel error: how badly a PCA basis of the training inputs reconstructs the 64x64
   input, which catches photos, documents and other modalities whose features may
   happen to fall near a class.
-``ood_score`` is the larger of the two, each divided by its threshold: above 1 is
-out of population.
+Each distance is divided by its validation scale (a high quantile); ``ood_score`` is
+the length of that 2-vector divided by the same quantile of the validation scores,
+so an image far out on either axis, or moderately out on both, scores above 1: out
+of population.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ class OODGate:
     precision: np.ndarray  # (D, D) inverse of the shared covariance
     pixel_mean: np.ndarray  # (P,)
     pixel_components: np.ndarray  # (K, P), orthonormal rows
-    feature_threshold: float
-    pixel_threshold: float
+    feature_scale: float
+    pixel_scale: float
+    threshold: float = 1.0
     rule: str = ""
 
     def feature_distance(self, features: np.ndarray) -> np.ndarray:
@@ -42,10 +45,11 @@ class OODGate:
         return np.sqrt(np.mean(residual**2, axis=1))
 
     def scores(self, features: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-        return np.maximum(
-            self.feature_distance(features) / self.feature_threshold,
-            self.pixel_error(inputs) / self.pixel_threshold,
+        combined = np.hypot(
+            self.feature_distance(features) / self.feature_scale,
+            self.pixel_error(inputs) / self.pixel_scale,
         )
+        return combined / self.threshold
 
     def to_dict(self) -> dict:
         return {
@@ -53,18 +57,19 @@ class OODGate:
             "precision": torch.from_numpy(np.asarray(self.precision, dtype=np.float32)),
             "pixel_mean": torch.from_numpy(np.asarray(self.pixel_mean, dtype=np.float32)),
             "pixel_components": torch.from_numpy(np.asarray(self.pixel_components, dtype=np.float32)),
-            "feature_threshold": float(self.feature_threshold),
-            "pixel_threshold": float(self.pixel_threshold),
+            "feature_scale": float(self.feature_scale),
+            "pixel_scale": float(self.pixel_scale),
+            "threshold": float(self.threshold),
             "rule": self.rule,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "OODGate":
         arrays = {k: data[k].numpy().astype(np.float64) for k in ("class_means", "precision", "pixel_mean", "pixel_components")}
-        gate = cls(**arrays, feature_threshold=float(data["feature_threshold"]),
-                   pixel_threshold=float(data["pixel_threshold"]), rule=str(data.get("rule", "")))
-        if gate.feature_threshold <= 0 or gate.pixel_threshold <= 0:
-            raise ValueError("gate thresholds must be positive")
+        gate = cls(**arrays, feature_scale=float(data["feature_scale"]), pixel_scale=float(data["pixel_scale"]),
+                   threshold=float(data["threshold"]), rule=str(data.get("rule", "")))
+        if min(gate.feature_scale, gate.pixel_scale, gate.threshold) <= 0:
+            raise ValueError("gate scales and threshold must be positive")
         if gate.precision.shape != (gate.class_means.shape[1],) * 2:
             raise ValueError("gate precision does not match its class means")
         return gate

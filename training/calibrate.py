@@ -26,7 +26,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> dict:
         return loss
 
     optimizer.step(closure)
-    return {"temperature": float(log_t.exp()), "bias": float(bias)}
+    return {"temperature": log_t.detach().exp().item(), "bias": bias.detach().item()}
 
 
 def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -177,5 +178,7 @@ def _preprocess_files(paths: list[str], params: PreprocessParams, workers: int, 
     bar = dict(total=len(jobs), desc=desc, disable=desc is None, unit="img", leave=False)
     if workers <= 1 or len(jobs) < 64:
         return [_preprocess_one(job) for job in tqdm(jobs, **bar)]
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    # forkserver, not fork: forking a process whose torch thread pool has run can deadlock.
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, mp_context=context) as pool:
         return list(tqdm(pool.map(_preprocess_one, jobs, chunksize=32), **bar))

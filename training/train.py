@@ -140,6 +140,28 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     return model.cpu().eval(), {"seed": seed, "best_epoch": best_epoch, "best_val_auc": best_auc, "history": history}
 
 
+def version_string(created: dt.datetime, state_dicts, calibration: dict, gate, threshold: float) -> str:
+    """Date plus a digest of everything that decides an answer: weights, calibration, gate, threshold."""
+    digest = hashlib.sha256()
+    for state in state_dicts:
+        for tensor in state.values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+    digest.update(json.dumps({"calibration": calibration, "threshold": threshold,
+                              "gate": [gate.feature_scale, gate.pixel_scale, gate.threshold]}, sort_keys=True).encode())
+    return f"stn-cnn-{created:%Y%m%d}-{digest.hexdigest()[:8]}"
+
+
+def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensitivity: float):
+    """Calibration and threshold from validation; the out-of-population gate from train (+ validation quantiles)."""
+    cpu = torch.device("cpu")
+    _, train_features = infer_all(model, train.images, cpu)
+    val_logits, val_features = infer_all(model, val.images, cpu)
+    calibration = fit_temperature(val_logits, val.labels)
+    gate = fit_gate(train_features, train.labels, train.images, val_features, val.images)
+    threshold = threshold_for_sensitivity(val.labels, calibrate(val_logits, calibration), target_sensitivity)
+    return calibration, gate, threshold
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -179,16 +201,9 @@ def _run(args, device) -> int:
         net, info = train_member(args, member, train, val, device)
         members.append(net)
         member_logs.append(info)
-    model = Ensemble(members).eval()
-    cpu = torch.device("cpu")
-    train_logits, train_features = infer_all(model, train.images, cpu)
-    val_logits, val_features = infer_all(model, val.images, cpu)
-    calibration = fit_temperature(val_logits, val.labels)
-    gate = fit_gate(train_features, train.labels, train.images, val_features, val.images)
-    threshold = threshold_for_sensitivity(val.labels, calibrate(val_logits, calibration), args.target_sensitivity)
+    calibration, gate, threshold = fit_operating_point(Ensemble(members).eval(), train, val, args.target_sensitivity)
     state_dicts = [m.state_dict() for m in members]
     created = dt.datetime.now(dt.timezone.utc)
-    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for s in state_dicts for t in s.values())).hexdigest()[:8]
     checkpoint = Checkpoint(
         network=members[0].config,
         preprocess=params,
@@ -198,7 +213,7 @@ def _run(args, device) -> int:
             f"lowest score among the top {args.target_sensitivity:.0%} of validation pneumonia cases "
             f"(target sensitivity {args.target_sensitivity}, chosen on validation, never on test)"
         ),
-        version=f"stn-cnn-{created:%Y%m%d}-{digest}",
+        version=version_string(created, state_dicts, calibration, gate, threshold),
         created_at=created.isoformat(timespec="seconds"),
         training_data={
             "dataset": str(Path(args.data).resolve().name),
