@@ -11,13 +11,15 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = 20
-keepalive = 5
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 # Load the model once in the master: workers share its memory pages and start at once.
-preload_app = True
+preload_app = os.environ.get("GUNICORN_PRELOAD", "1") == "1"
 # Recycle workers now and then, so a slow leak can never grow without bound.
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "5000"))
 max_requests_jitter = 500
-accesslog = "-"
+# The app logs one line per request (method, path, status, time); gunicorn's own
+# access log would repeat it. GUNICORN_ACCESSLOG=- turns it on.
+accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 # No query strings or bodies in the access log: they may carry patient data.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
 TORCH_THREADS = int(os.environ.get("TORCH_THREADS", "1"))

@@ -124,6 +124,9 @@ def main() -> int:
         print(f"HTTP, 1 client:  p50 {p50:.1f} ms, p95 {percentile(seq, 95):.1f} ms, p99 {percentile(seq, 99):.1f} ms"
               f" over {len(seq)} requests; p50 / in-process = {p50 / inproc:.2f}x (goal <= 1.3x)")
         lat, errors, wall = drive(port, body, content_type, args.clients, args.seconds)
+        if not lat:
+            print(f"no successful request under load; errors: {sorted(set(map(str, errors)))[:5]}")
+            return 1
         print(f"HTTP, {args.clients} clients: {len(lat) / wall:.1f} requests/s (goal >= 30); p50 {percentile(lat, 50):.1f} ms,"
               f" p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms; errors {len(errors) + len(seq_errors)}")
         rss = worker_rss_mb(process)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -26,11 +27,13 @@ def gunicorn(workers: int = 1, env: dict | None = None, timeout: float = 90):
     """Yields (base_url, process); stops the server (and its workers) on exit."""
     port = free_port()
     environment = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers), **(env or {})}
+    # The server's log goes to a file: an unread pipe fills up and blocks the workers.
+    log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "wsgi:app"],
         cwd=ROOT,
         env=environment,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -39,7 +42,8 @@ def gunicorn(workers: int = 1, env: dict | None = None, timeout: float = 90):
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{process.stdout.read()}")
+                log.seek(0)
+                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{log.read()}")
             try:
                 with urllib.request.urlopen(base + "/healthz", timeout=2):
                     break
@@ -54,6 +58,7 @@ def gunicorn(workers: int = 1, env: dict | None = None, timeout: float = 90):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
 def multipart(field: str, filename: str, data: bytes, content_type="application/octet-stream") -> tuple[bytes, str]:
