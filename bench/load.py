@@ -93,7 +93,7 @@ def main() -> int:
     print(f"connection errors: {sum(errors.values())} {dict(errors) if errors else ''}")
     print(f"latency p50 {latencies[len(latencies) // 2]:.0f} ms, p99 {latencies[int(len(latencies) * 0.99)]:.0f} ms")
     warm = rss[min(5, len(rss) - 1)]
-    print(f"worker RSS (mean per worker): {warm:.0f} MB after 5 s, {rss[-1]:.0f} MB at the end, peak worker {peak / 1024**2:.0f} MB")
+    print(f"worker RSS (mean per worker): {warm:.0f} MB after 5 s, {rss[-1]:.0f} MB at the end, largest worker at the end {peak / 1024**2:.0f} MB")
     return 0 if five_xx == 0 and not errors else 1
 
 
