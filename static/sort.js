@@ -4,7 +4,7 @@
   document.querySelectorAll("table.sortable").forEach(function (table) {
     var body = table.tBodies[0];
     table.querySelectorAll("th").forEach(function (header, column) {
-      var descending = column === 1;
+      var descending = false;  // the server already sent the table most-suspicious-first
       header.classList.add("clickable");
       header.addEventListener("click", function () {
         var numeric = header.getAttribute("data-sort") === "number";

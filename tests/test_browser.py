@@ -116,3 +116,39 @@ def test_analysis_page_renders_the_bokeh_plot(browser, live_server):
     assert len(canvases) >= 2, canvases  # the training and the test plot
     assert severe_console_messages(browser) == []
     assert resource_origins(browser) == {live_server}
+
+
+def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_data, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import synthetic_xray
+    from dicom_files import make_dicom, twelve_bit
+
+    dicom = tmp_path / "study.dcm"
+    dicom.write_bytes(make_dicom(twelve_bit(synthetic_xray(400, 320))))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    films = [sorted((real_data / "test" / label).iterdir())[0] for label in ("NORMAL", "PNEUMONIA")]
+
+    browser.get(live_server + "/")
+    browser.find_element(By.ID, "images").send_keys("\n".join(str(p) for p in [*films, broken, dicom]))
+    browser.find_element(By.ID, "submit-batch").click()
+    table = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.ID, "batch-results")))
+    rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    names = [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows]
+    assert sorted(names) == sorted([films[0].name, films[1].name, "broken.jpg", "study.dcm"])
+    assert names[-1] == "broken.jpg" and "refused" in rows[-1].text
+    header = table.find_elements(By.TAG_NAME, "th")[1]
+    header.click()  # re-sort ascending by probability: the refusal (-1) comes first
+    first = table.find_elements(By.CSS_SELECTOR, "tbody tr")[0].find_elements(By.TAG_NAME, "td")[0].text
+    assert first == "broken.jpg"
+    assert severe_console_messages(browser) == []
+
+    browser.get(live_server + "/")
+    browser.find_element(By.ID, "image").send_keys(str(dicom))
+    browser.find_element(By.ID, "submit").click()
+    probability = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.ID, "probability"))).text
+    assert probability.endswith("%")
+    assert "Doe" not in browser.find_element(By.TAG_NAME, "main").text
