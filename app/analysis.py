@@ -17,7 +17,7 @@ from bokeh.models import ColumnDataSource, HoverTool, TabPanel, Tabs
 from bokeh.plotting import figure
 from bokeh.resources import Resources
 from bokeh.util.paths import bokehjs_path
-from flask import Blueprint, Response, abort, current_app, render_template
+from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
 from . import get_predictor
 from .security import CONTENT_SECURITY_POLICY
@@ -164,8 +164,6 @@ def analysis():
 
 @bp.get(BOKEH_URL + "static/<path:filename>")
 def bokeh_static(filename: str):
-    from flask import send_from_directory
-
     return send_from_directory(bokehjs_path(), filename, max_age=86400)
 
 

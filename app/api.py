@@ -5,12 +5,12 @@ import base64
 
 from flask import Blueprint, current_app, jsonify, request
 
-from model import ImageError, Prediction
+from model import Prediction
 
 from . import get_predictor
 from .errors import status_for
 from .render import saliency_png
-from .uploads import read_batch_upload, read_single_upload
+from .uploads import predict_each, read_batch_upload, read_single_upload
 
 bp = Blueprint("api", __name__)
 
@@ -44,12 +44,13 @@ def predict():
 def predict_batch():
     """Several files in ``images`` -> one result or one error per file, in upload order."""
     predictor = get_predictor()
-    results = []
-    for name, data in read_batch_upload(request, current_app.config["MAX_BATCH_FILES"]):
-        try:
-            results.append({"filename": name, **prediction_json(predictor.predict(data))})
-        except ImageError as error:
-            results.append({"filename": name, "error": str(error), "status": status_for(error)})
+    files = read_batch_upload(request, current_app.config["MAX_BATCH_FILES"])
+    results = [
+        {"filename": row["name"], **prediction_json(row["prediction"])}
+        if "prediction" in row
+        else {"filename": row["name"], "error": str(row["error"]), "status": status_for(row["error"])}
+        for row in predict_each(predictor, files)
+    ]
     return jsonify(results=results, threshold=round(predictor.threshold, 6), model_version=predictor.version)
 
 

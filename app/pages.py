@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, redirect, render_template, request, url_for
 
-from model import ImageError
-
 from . import get_predictor
-from .errors import status_for
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
-from .uploads import read_batch_upload, read_single_upload
+from .uploads import predict_each, read_batch_upload, read_single_upload
 
 bp = Blueprint("pages", __name__)
 
@@ -49,12 +46,7 @@ def predict():
 @bp.post("/predict/batch")
 def predict_batch():
     predictor = get_predictor()
-    rows = []
-    for name, data in read_batch_upload(request, current_app.config["MAX_BATCH_FILES"]):
-        try:
-            rows.append({"name": name, "prediction": predictor.predict(data)})
-        except ImageError as error:
-            rows.append({"name": name, "error": str(error), "status": status_for(error)})
+    rows = predict_each(predictor, read_batch_upload(request, current_app.config["MAX_BATCH_FILES"]))
     # Most suspicious first (the table re-sorts in the browser); refusals last.
     rows.sort(key=lambda r: -r["prediction"].probability if "prediction" in r else 2.0)
     return render_template("batch.html", rows=rows, model=predictor.checkpoint)

@@ -6,7 +6,7 @@ import io
 from flask import Request
 from werkzeug.datastructures import FileStorage
 
-from model import ImageError
+from model import ImageError, Predictor
 
 
 class InMemoryRequest(Request):
@@ -58,3 +58,14 @@ def display_name(filename: str | None, position: int) -> str:
     name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if ch.isprintable())[:120]
     return name or f"file {position}"
+
+
+def predict_each(predictor: Predictor, files: list[tuple[str, bytes]]) -> list[dict]:
+    """One row per file: ``{"name", "prediction"}`` or, for a refused file, ``{"name", "error"}``."""
+    rows = []
+    for name, data in files:
+        try:
+            rows.append({"name": name, "prediction": predictor.predict(data)})
+        except ImageError as error:
+            rows.append({"name": name, "error": error})
+    return rows
