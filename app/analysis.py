@@ -138,6 +138,7 @@ def analysis():
     except ArtifactError as exc:
         return render_template("analysis.html", plot=None, problem=str(exc))
     nonce = secrets.token_urlsafe(16)
+    current_version = get_predictor().version
     summary = {
         "points": len(artifact["label"]),
         "wrong": int((~artifact["correct"]).sum()),
@@ -149,8 +150,8 @@ def analysis():
         plot={"script": script.replace("<script", f'<script nonce="{nonce}"', 1), "div": div},
         bokeh_js=bokeh_resources().js_files,
         summary=summary,
-        stale=summary["version"] != get_predictor().version,
-        current_version=get_predictor().version,
+        stale=summary["version"] != current_version,
+        current_version=current_version,
         thumbnails=thumbnails,
     )
     response = Response(html)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .preprocess import InvalidImageError
+from .preprocess import InvalidImageError, stretch
 
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG"}
 
@@ -55,8 +55,7 @@ def decode_dicom(data: bytes, check_size: Callable[[int, int], None]) -> np.ndar
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim != 2:
         raise InvalidImageError("The DICOM image is not a single 2-D radiograph.")
-    low, high = float(pixels.min()), float(pixels.max())
-    pixels = (pixels - low) / max(high - low, 1e-6)
+    pixels = stretch(pixels)
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         pixels = 1.0 - pixels  # MONOCHROME1 stores bone dark
     return pixels

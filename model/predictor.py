@@ -86,6 +86,12 @@ class Predictor:
         ood = gate.scores(features, inputs) if gate is not None else None
         return BatchOutput(probabilities, aligned, features, ood)
 
+    def predict_many(self, inputs: np.ndarray, batch_size: int = 512) -> BatchOutput:
+        """``predict_batch`` over a whole split, in chunks that bound memory."""
+        parts = [self.predict_batch(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        ood = None if parts[0].ood_scores is None else np.concatenate([p.ood_scores for p in parts])
+        return BatchOutput(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("probabilities", "aligned", "features")), ood)
+
     def predict(self, image: bytes | np.ndarray, saliency: bool = False) -> Prediction:
         """Raises ``model.ImageError`` (with a user-facing message) for unusable input."""
         model_input = self.preprocess(image)

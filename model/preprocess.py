@@ -113,9 +113,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     if data[128:132] == b"DICM":
         from .dicom import decode_dicom
 
-        array = decode_dicom(data, lambda w, h: _check_size(w, h, limits))
-        _check_size(array.shape[1], array.shape[0], limits)
-        return array
+        return decode_dicom(data, lambda w, h: _check_size(w, h, limits))
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
@@ -142,8 +140,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
             raise InvalidImageError(
                 f"The {kind} file is truncated or corrupt and cannot be decoded."
             ) from None
-    _check_size(array.shape[1], array.shape[0], limits)
-    return array
+    return array  # the size was checked from the header; a 90-degree turn does not change it
 
 
 def to_gray_float(image: np.ndarray) -> np.ndarray:
@@ -197,11 +194,16 @@ def preprocess(
         gray = _resize(gray, params.prefilter_size, cv2.INTER_AREA)
     if params.equalize != "none":
         gray = _equalize(gray, params.equalize)
-    out = _resize(gray, params.size, INTERPOLATIONS[params.interpolation])
-    low, high = float(out.min()), float(out.max())
+    return stretch(_resize(gray, params.size, INTERPOLATIONS[params.interpolation]))
+
+
+def stretch(array: np.ndarray) -> np.ndarray:
+    """Linearly map an array's range onto [0, 1] (float32); a flat array becomes zeros."""
+    array = np.asarray(array, dtype=np.float32)
+    low, high = float(array.min()), float(array.max())
     if high - low < 1e-6:
-        return np.zeros_like(out)
-    return (out - low) / (high - low)
+        return np.zeros_like(array)
+    return (array - low) / (high - low)
 
 
 def _resize(gray: np.ndarray, side: int, shrink_interpolation: int) -> np.ndarray:
@@ -214,8 +216,7 @@ def _resize(gray: np.ndarray, side: int, shrink_interpolation: int) -> np.ndarra
 
 
 def _equalize(gray: np.ndarray, method: str) -> np.ndarray:
-    low, high = float(gray.min()), float(gray.max())
-    pixels = np.round((gray - low) / max(high - low, 1e-6) * 255).astype(np.uint8)
+    pixels = np.round(stretch(gray) * 255).astype(np.uint8)
     if method == "hist":
         pixels = cv2.equalizeHist(pixels)
     else:
@@ -226,14 +227,8 @@ def _equalize(gray: np.ndarray, method: str) -> np.ndarray:
 def _pil_to_gray(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return np.array(image, dtype=np.uint16)
-    if image.mode == "I":
-        array = np.array(image, dtype=np.int64)
-        low, high = int(array.min()), int(array.max())
-        return ((array - low) / max(high - low, 1)).astype(np.float32)
-    if image.mode == "F":
-        array = np.array(image, dtype=np.float32)
-        low, high = float(array.min()), float(array.max())
-        return (array - low) / max(high - low, 1e-12)
+    if image.mode in ("I", "F"):  # 32-bit integer or float: no fixed range to divide by
+        return stretch(np.array(image, dtype=np.float64))
     if image.mode not in ("L",):
         image = image.convert("L")
     return np.array(image, dtype=np.uint8)

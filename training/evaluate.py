@@ -41,14 +41,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(predictor: Predictor, split: Split, threshold: float | None = None, batch_size: int = 512) -> dict:
+def evaluate(predictor: Predictor, split: Split, threshold: float | None = None) -> dict:
     """Screening metrics, calibration and the gate's flag rate of ``predictor`` on ``split``."""
-    outputs = [predictor.predict_batch(split.images[i : i + batch_size]) for i in range(0, len(split), batch_size)]
-    probabilities = np.concatenate([o.probabilities for o in outputs])
-    metrics = binary_metrics(split.labels, probabilities, predictor.threshold if threshold is None else threshold)
-    metrics["calibration"] = reliability(split.labels, probabilities)
-    if outputs and outputs[0].ood_scores is not None:
-        metrics["ood_flagged"] = float(np.mean(np.concatenate([o.ood_scores for o in outputs]) > 1))
+    out = predictor.predict_many(split.images)
+    metrics = binary_metrics(split.labels, out.probabilities, predictor.threshold if threshold is None else threshold)
+    metrics["calibration"] = reliability(split.labels, out.probabilities)
+    if out.ood_scores is not None:
+        metrics["ood_flagged"] = float(np.mean(out.ood_scores > 1))
     return metrics
 
 

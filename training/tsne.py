@@ -63,12 +63,8 @@ def build_artifact(args) -> dict:
     labels = np.concatenate([s.labels for s in splits.values()])
     steps = 3
     log.info("[1/%d] model probabilities and features for %d images", steps, len(images))
-    probabilities, features = [], []
-    for start in range(0, len(images), 512):
-        out = predictor.predict_batch(images[start : start + 512])
-        probabilities.append(out.probabilities)
-        features.append(out.features)
-    probabilities, features = np.concatenate(probabilities), np.concatenate(features)
+    out = predictor.predict_many(images)
+    probabilities, features = out.probabilities, out.features
     predicted = (probabilities >= predictor.threshold).astype(int)
     started = time.perf_counter()
     log.info("[2/%d] t-SNE of the pixels (%d dimensions)", steps, images[0].size)
