@@ -25,7 +25,7 @@ tsne: $(BIN)/.installed
 	$(BIN)/python -m training.tsne $(ARGS)
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/train.py && $(BIN)/python bench/serve.py
+	$(BIN)/python -m bench.train && $(BIN)/python -m bench.serve
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -10,10 +10,9 @@ import secrets
 import time
 from pathlib import Path
 
-from flask import Flask, current_app, g, request
+from flask import Flask, g, request
 
-from model import DecodeLimits, Predictor
-
+from . import analysis, api, pages, serving
 from . import config as app_config
 from .errors import register_error_handlers
 from .security import csrf, set_security_headers
@@ -33,19 +32,8 @@ def create_app(config: dict | None = None) -> Flask:
         log.warning("SECRET_KEY is not set: using a random key; forms open across a restart will need a reload")
         app.config["SECRET_KEY"] = secrets.token_hex(32)
 
-    limits = DecodeLimits(max_pixels=app.config["MAX_IMAGE_PIXELS"])
-    started = time.perf_counter()
-    app.extensions["predictor"] = Predictor.from_path(app.config["CHECKPOINT_PATH"], limits)
-    log.info(
-        "loaded model %s from %s in %.2f s",
-        app.extensions["predictor"].version,
-        app.config["CHECKPOINT_PATH"],
-        time.perf_counter() - started,
-    )
-
+    serving.init_app(app)
     csrf.init_app(app)
-    from . import analysis, api, pages
-
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(analysis.bp)
@@ -65,8 +53,3 @@ def create_app(config: dict | None = None) -> Flask:
         return response
 
     return app
-
-
-def get_predictor() -> Predictor:
-    """The predictor loaded at start-up (one per process, shared by its threads)."""
-    return current_app.extensions["predictor"]

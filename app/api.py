@@ -1,4 +1,4 @@
-"""JSON API for other systems (PACS bridges, scripts) and the health check."""
+"""JSON API for other systems (PACS bridges, scripts), under /api/v1."""
 from __future__ import annotations
 
 import base64
@@ -7,12 +7,12 @@ from flask import Blueprint, current_app, jsonify, request
 
 from model import Prediction
 
-from . import get_predictor
 from .errors import status_for
 from .render import saliency_png
+from .serving import get_predictor
 from .uploads import predict_each, read_batch_upload, read_single_upload
 
-bp = Blueprint("api", __name__)
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
 def wants_saliency() -> bool:
@@ -33,14 +33,14 @@ def prediction_json(prediction: Prediction) -> dict:
     return body
 
 
-@bp.post("/api/v1/predict")
+@bp.post("/predict")
 def predict():
     """multipart/form-data with one file in ``image`` -> probability, decision, gate."""
     prediction = get_predictor().predict(read_single_upload(request), saliency=wants_saliency())
     return jsonify(prediction_json(prediction))
 
 
-@bp.post("/api/v1/predict/batch")
+@bp.post("/predict/batch")
 def predict_batch():
     """Several files in ``images`` -> one result or one error per file, in upload order."""
     predictor = get_predictor()
@@ -53,8 +53,3 @@ def predict_batch():
     ]
     return jsonify(results=results, threshold=round(predictor.threshold, 6), model_version=predictor.version)
 
-
-@bp.get("/healthz")
-def healthz():
-    predictor = get_predictor()
-    return jsonify(status="ok", model_loaded=predictor is not None, model_version=predictor.version)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir
+from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, MAX_IMAGE_PIXELS, data_dir
 
 
 def from_environment() -> dict:
@@ -25,7 +25,7 @@ def from_environment() -> dict:
         "TSNE_ARTIFACT": env.get("PNEUMONIA_TSNE_ARTIFACT", str(DEFAULT_TSNE_ARTIFACT)),
         "DATASET_DIR": str(data_dir()),
         "MAX_CONTENT_LENGTH": int(float(env.get("MAX_UPLOAD_MB", "20")) * 1024 * 1024),
-        "MAX_IMAGE_PIXELS": int(float(env.get("MAX_IMAGE_MEGAPIXELS", "40")) * 1_000_000),
+        "MAX_IMAGE_PIXELS": int(float(env.get("MAX_IMAGE_MEGAPIXELS", MAX_IMAGE_PIXELS / 1e6)) * 1_000_000),
         "MAX_BATCH_FILES": int(env.get("MAX_BATCH_FILES", "20")),
         "SECRET_KEY": env.get("SECRET_KEY"),
         "WTF_CSRF_TIME_LIMIT": None,  # a clinician may leave the upload page open all shift

@@ -1,10 +1,10 @@
-"""The clinician's pages: upload, result, batch results and the model card."""
+"""The clinician's pages: upload, result, batch results, the model card; and the health check."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
 
-from . import get_predictor
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
+from .serving import get_predictor
 from .uploads import predict_each, read_batch_upload, read_single_upload
 
 bp = Blueprint("pages", __name__)
@@ -69,3 +69,12 @@ def model_card():
         roc_lines={name: roc_polyline(m.get("roc")) for name, m in metrics.items()},
         reliability={name: reliability_bars(m["calibration"]["bins"]) for name, m in metrics.items() if "calibration" in m},
     )
+
+
+@bp.get("/healthz")
+def healthz():
+    predictor = current_app.extensions.get("predictor")
+    loaded = predictor is not None and predictor.works
+    body = {"status": "ok" if loaded else "unavailable", "model_loaded": loaded,
+            "model_version": predictor.version if predictor is not None else None}
+    return jsonify(body), 200 if loaded else 503

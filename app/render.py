@@ -10,8 +10,7 @@ import numpy as np
 def png_data_uri(gray: np.ndarray) -> str:
     """A float image in [0, 1] as an inline PNG."""
     pixels = np.clip(np.asarray(gray) * 255 + 0.5, 0, 255).astype(np.uint8)
-    ok, buffer = cv2.imencode(".png", pixels)
-    return png_bytes_data_uri(buffer.tobytes())
+    return png_bytes_data_uri(encode_png(pixels))
 
 
 def roc_polyline(roc: dict | None, size: int = 240) -> str:
@@ -29,7 +28,13 @@ def saliency_png(gray: np.ndarray, heat: np.ndarray, side: int = 256) -> bytes:
     gray3 = np.repeat(base[:, :, None], 3, axis=2)
     alpha = 0.55 * np.clip(heat, 0, 1)[:, :, None]  # cold regions keep the film visible
     blended = (1 - alpha) * gray3 + alpha * colour
-    ok, buffer = cv2.imencode(".png", np.uint8(np.clip(blended, 0, 1) * 255))
+    return encode_png(np.uint8(np.clip(blended, 0, 1) * 255))
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".png", pixels)
+    if not ok:  # only for an array no PNG can hold; a bug, reported as one
+        raise RuntimeError(f"cannot encode a {pixels.dtype} array of shape {pixels.shape} as PNG")
     return buffer.tobytes()
 
 

@@ -1,6 +1,6 @@
 """Load: gunicorn on loopback, 32 concurrent clients for 60 s, valid X-rays mixed with bad files.
 
-    python bench/load.py [--clients 32] [--seconds 60] [--workers 2]
+    python -m bench.load [--clients 32] [--seconds 60] [--workers 2]
 
 Prints requests served, answers by status, connection errors, p50/p99 latency, and
 the workers' resident memory sampled every second (after warm-up vs. the end: flat
@@ -15,15 +15,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from hostile import corpus  # noqa: E402
-from model.settings import data_dir  # noqa: E402
-from serving import gunicorn, multipart  # noqa: E402
+from model.settings import data_dir
+from tests.support.hostile import corpus
+from tests.support.server import gunicorn, multipart
 
 
 def main() -> int:

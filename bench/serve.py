@@ -1,6 +1,6 @@
 """Serving cost on this machine, for one original-size test JPEG.
 
-    python bench/serve.py [--seconds 20] [--clients 8] [--workers 2]
+    python -m bench.serve [--seconds 20] [--clients 8] [--workers 2]
 
 Prints, all measured in this one run:
 - in-process time to decode, preprocess and run the model (median of 50), with the
@@ -20,14 +20,9 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from model.settings import DEFAULT_CHECKPOINT, data_dir  # noqa: E402
-from serving import gunicorn, multipart  # noqa: E402
+from model.settings import DEFAULT_CHECKPOINT, data_dir
+from tests.support.server import gunicorn, multipart
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,6 +1,6 @@
 """Cost of training and evaluation on this machine, from a cold cache.
 
-    python bench/train.py [--data DIR] [--epochs N]
+    python -m bench.train [--data DIR] [--epochs N]
 
 Prints: full-training wall time (goal <= 15 min), its peak resident memory (goal
 <= 4 GB) and the wall time of evaluating the test split with no cache (goal <= 20 s).
@@ -17,15 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from model.settings import DEFAULT_CHECKPOINT, data_dir  # noqa: E402
+from model.settings import DEFAULT_CHECKPOINT, REPO_ROOT, data_dir
 
 
 def run(cmd: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
     return time.perf_counter() - started
 
 

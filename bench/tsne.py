@@ -1,6 +1,6 @@
 """Cost of the dataset-analysis page on this machine.
 
-    python bench/tsne.py
+    python -m bench.tsne
 
 Prints: the time to build the t-SNE artifact for the full dataset (goal <= 2 min,
 preprocessing cache warm, as after a training run), the page's size (HTML plus the
@@ -18,10 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from model.settings import data_dir  # noqa: E402
+from model.settings import REPO_ROOT, data_dir
 
 
 def browser_load_seconds(url: str) -> float | None:
@@ -61,7 +58,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.out or Path(tmp) / "tsne.npz"
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "training.tsne", "--out", str(artifact)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "training.tsne", "--out", str(artifact)], cwd=REPO_ROOT, check=True)
         print(f"t-SNE artifact for the full dataset: {time.perf_counter() - started:.0f} s wall (goal <= 120),"
               f" {artifact.stat().st_size / 1024:.0f} KB")
 

@@ -1,24 +1,22 @@
-"""The pneumonia model: preprocessing, network, checkpoint and predictor.
+"""The pneumonia model: decoding, preprocessing, network, checkpoint and predictor.
 
 Knows nothing of Flask or of training; ``app`` and ``training`` import from here.
+Imports run one way, from the leaves up:
+
+    settings, errors -> pixels -> dicom -> decode -> preprocess
+    network -> saliency;  gate, atomic -> checkpoint -> predictor;  atomic -> tsne_map
 """
 from .checkpoint import CLASS_NAMES, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .decode import DecodeLimits, decode_image
+from .errors import ImageError, ImageTooLargeError, InvalidImageError, UnsupportedImageError
 from .network import Ensemble, Inference, NetworkConfig, PneumoniaNet
-from .predictor import Prediction, Predictor
-from .preprocess import (
-    DecodeLimits,
-    ImageError,
-    ImageTooLargeError,
-    InvalidImageError,
-    PreprocessParams,
-    UnsupportedImageError,
-    decode_image,
-    preprocess,
-)
+from .predictor import BatchOutput, NetworkOutput, Prediction, Predictor, calibrate, infer_batches
+from .preprocess import PreprocessParams, preprocess
+from .tsne_map import TsneMap, TsneMapError
 
 __all__ = [
-    "CLASS_NAMES", "Checkpoint", "CheckpointError", "DecodeLimits", "Ensemble", "ImageError",
-    "ImageTooLargeError", "Inference", "InvalidImageError", "NetworkConfig", "PneumoniaNet",
-    "Prediction", "Predictor", "PreprocessParams", "UnsupportedImageError", "decode_image",
-    "load_checkpoint", "preprocess", "save_checkpoint",
+    "CLASS_NAMES", "BatchOutput", "Checkpoint", "CheckpointError", "DecodeLimits", "Ensemble", "ImageError",
+    "ImageTooLargeError", "Inference", "InvalidImageError", "NetworkConfig", "NetworkOutput", "PneumoniaNet",
+    "Prediction", "Predictor", "PreprocessParams", "TsneMap", "TsneMapError", "UnsupportedImageError",
+    "calibrate", "decode_image", "infer_batches", "load_checkpoint", "preprocess", "save_checkpoint",
 ]

@@ -7,13 +7,13 @@ mid-write leaves the previous file untouched.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .gate import OODGate
 from .network import Ensemble, NetworkConfig, PneumoniaNet
 from .preprocess import PreprocessParams
@@ -73,23 +73,12 @@ class Checkpoint:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
-    """Write atomically: temp file in the same folder, fsync, rename, fsync the folder."""
+    """Write atomically (``atomic_write``): a crash mid-write leaves the previous file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = checkpoint.to_dict()
     payload["state_dicts"] = [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in payload["state_dicts"]]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the app may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
     return path
 
 
@@ -152,13 +141,3 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
         raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture ({exc})") from None
     return checkpoint
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

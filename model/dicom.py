@@ -11,18 +11,18 @@ import io
 from typing import Callable
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from .preprocess import InvalidImageError, stretch
+from .errors import InvalidImageError
+from .pixels import stretch
 
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG"}
 
 
 def decode_dicom(data: bytes, check_size: Callable[[int, int], None]) -> np.ndarray:
     """DICOM bytes -> 2-D float32 in [0, 1], bright bone as in any radiograph."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError, AttributeError):

@@ -42,18 +42,21 @@ class Inference(NamedTuple):
     aligned: torch.Tensor  # (N, 1, H, W), the STN's output, standardised
     features: torch.Tensor  # (N, C), the penultimate layer
     theta: torch.Tensor  # (N, 2, 3), the affine transform
+    #: per member, the last convolutional block's output (N, C, h, w) before pooling:
+    #: what Grad-CAM weighs, so the heat map needs no second pass
+    activations: tuple[torch.Tensor, ...] = ()
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
+def _conv_block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
+    layers = [
         nn.Conv2d(cin, cout, 3, padding=1, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, padding=1, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-    )
+    ]
+    return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 
 class SpatialTransformer(nn.Module):
@@ -87,10 +90,13 @@ class PneumoniaNet(nn.Module):
         self.config = config
         self.stn = SpatialTransformer(config.input_size, config.stn_channels)
         blocks, cin = [], 1
-        for cout in config.channels:
-            blocks.append(_conv_block(cin, cout))
+        for i, cout in enumerate(config.channels):
+            blocks.append(_conv_block(cin, cout, pool=i < len(config.channels) - 1))
             cin = cout
-        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        # ``features`` ends at the last block's ReLU (Grad-CAM's activation); its max
+        # pool moved into ``pool``, which holds no weights, so checkpoints still load.
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(cin, 1))
 
     @staticmethod
@@ -102,9 +108,10 @@ class PneumoniaNet(nn.Module):
 
     def infer(self, x: torch.Tensor) -> Inference:
         aligned, theta = self.stn(self.standardise(x))
-        features = self.features(aligned)
+        activation = self.features(aligned)
+        features = self.pool(activation)
         logits = self.head(features).squeeze(1)
-        return Inference(logits, aligned, features, theta)
+        return Inference(logits, aligned, features, theta, (activation,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.infer(x).logits
@@ -127,7 +134,8 @@ class Ensemble(nn.Module):
         outputs = [member.infer(x) for member in self.members]
         logits = torch.stack([o.logits for o in outputs]).mean(dim=0)
         features = torch.cat([o.features for o in outputs], dim=1)
-        return Inference(logits, outputs[0].aligned, features, outputs[0].theta)
+        activations = tuple(a for o in outputs for a in o.activations)
+        return Inference(logits, outputs[0].aligned, features, outputs[0].theta, activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.infer(x).logits

@@ -17,6 +17,12 @@ DEFAULT_TSNE_ARTIFACT = REPO_ROOT / "model" / "weights" / "tsne.npz"
 #: Where preprocessed arrays are cached between training runs.
 DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "preprocessed"
 
+#: More pixels than this is a decompression bomb or a scan, refused from the header.
+MAX_IMAGE_PIXELS = 40_000_000
+
+#: File endings of dataset images (scanning a split, serving thumbnails).
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
 
 def data_dir() -> Path:
     """The chest X-ray dataset folder (train|val|test/NORMAL|PNEUMONIA).

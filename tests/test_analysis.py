@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from app import create_app
+from model import TsneMap
 from training import train, tsne
-from training.tsne import write_artifact
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny dataset, a dry-run checkpoint trained on it, and its t-SNE artifact."""
-    from conftest import make_dataset
+    from tests.support.images import make_dataset
 
     root = tmp_path_factory.mktemp("tsne")
     data = make_dataset(root / "chest_xray", per_class=10)
@@ -77,10 +77,9 @@ def test_page_loads_no_script_or_stylesheet_from_another_origin(analysis_client)
 
 def test_page_says_when_the_artifact_is_from_another_model(tiny_run, tmp_path):
     data, checkpoint, artifact = tiny_run
-    with np.load(artifact) as a:
-        stale = {k: a[k] for k in a.files}
-    stale["checkpoint_version"] = np.str_("an-older-model")
-    write_artifact(stale, tmp_path / "stale.npz")
+    stale = TsneMap.load(artifact)
+    stale.checkpoint_version = "an-older-model"
+    stale.save(tmp_path / "stale.npz")
     app = create_app({"TESTING": True, "SECRET_KEY": "t", "CHECKPOINT_PATH": str(checkpoint),
                       "TSNE_ARTIFACT": str(tmp_path / "stale.npz"), "DATASET_DIR": str(data)})
     html = app.test_client().get("/analysis").get_data(as_text=True)

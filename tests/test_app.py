@@ -4,46 +4,17 @@ import logging
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app import create_app
-from conftest import encode, synthetic_xray
 from model import CheckpointError
 from model.settings import REPO_ROOT
-
-CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-@pytest.fixture(scope="module")
-def app():
-    return create_app({"TESTING": True, "SECRET_KEY": "test"})
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-def csrf_token(client) -> str:
-    return CSRF.search(client.get("/").get_data(as_text=True)).group(1)
-
-
-def form_post(client, data: bytes, filename="xray.png", field="image"):
-    return client.post(
-        "/predict",
-        data={"csrf_token": csrf_token(client), field: (io.BytesIO(data), filename)},
-        content_type="multipart/form-data",
-    )
-
-
-def api_post(client, data: bytes | None, filename="xray.png", field="image"):
-    payload = {} if data is None else {field: (io.BytesIO(data), filename)}
-    return client.post("/api/v1/predict", data=payload, content_type="multipart/form-data")
+from tests.support.client import CSRF, Uploads
+from tests.support.images import encode, synthetic_xray
 
 
 def png(array: np.ndarray) -> bytes:
@@ -63,8 +34,8 @@ def test_upload_page_shows_formats_limit_and_a_form_that_works_without_javascrip
     assert CSRF.search(html)
 
 
-def test_result_page_shows_probability_decision_threshold_images_and_disclaimer(client, app):
-    response = form_post(client, XRAY)
+def test_result_page_shows_probability_decision_threshold_images_and_disclaimer(client, app, uploads):
+    response = uploads.form(XRAY)
     html = response.get_data(as_text=True)
     assert response.status_code == 200
     probability = float(re.search(r'id="probability">([\d.]+)%', html).group(1))
@@ -86,8 +57,8 @@ def test_form_without_csrf_token_is_refused(client):
     assert "reload the page" in response.get_data(as_text=True)
 
 
-def test_form_refusal_is_a_page_with_the_message(client):
-    response = form_post(client, b"%PDF-1.4 not an image")
+def test_form_refusal_is_a_page_with_the_message(client, uploads):
+    response = uploads.form(b"%PDF-1.4 not an image")
     html = response.get_data(as_text=True)
     assert response.status_code == 415
     assert "not an image" in html and "Upload another image" in html
@@ -103,13 +74,26 @@ def test_model_card_shows_metrics_roc_and_confusion_matrix(client, app):
     assert str(checkpoint.metrics["test"]["confusion"]["fn"]) in html
 
 
-def test_analysis_page_answers(client):
-    assert client.get("/analysis").status_code == 200
+def test_analysis_page_shows_the_bundled_map_of_the_bundled_model(client, app):
+    html = client.get("/analysis").get_data(as_text=True)
+    assert "Training split" in html and "Learned features" in html
+    assert app.extensions["predictor"].version in html
+    assert 'id="stale"' not in html and 'id="no-artifact"' not in html
 
 
 def test_healthz(client, app):
     body = client.get("/healthz").get_json()
     assert body == {"status": "ok", "model_loaded": True, "model_version": app.extensions["predictor"].version}
+
+
+def test_healthz_reports_a_model_that_gives_no_finite_answer(make_app):
+    app = make_app()
+    predictor = app.extensions["predictor"]
+    with torch.no_grad():
+        predictor.model.members[0].head[1].bias.fill_(float("nan"))
+    predictor.__dict__.pop("works", None)  # the self-check runs again on the broken weights
+    response = app.test_client().get("/healthz")
+    assert response.status_code == 503 and response.get_json()["model_loaded"] is False
 
 
 def test_unknown_page_is_a_clean_404(client):
@@ -120,8 +104,8 @@ def test_unknown_page_is_a_clean_404(client):
 # ---- API ---------------------------------------------------------------------------
 
 
-def test_api_predict_answers_the_documented_fields(client, app):
-    response = api_post(client, XRAY)
+def test_api_predict_answers_the_documented_fields(client, app, uploads):
+    response = uploads.api(XRAY)
     body = response.get_json()
     assert response.status_code == 200
     assert set(body) == {"probability", "label", "threshold", "model_version", "in_distribution", "ood_score"}
@@ -131,9 +115,9 @@ def test_api_predict_answers_the_documented_fields(client, app):
     assert response.headers["Cache-Control"] == "no-store"
 
 
-def test_api_agrees_with_the_predictor(client, app):
+def test_api_agrees_with_the_predictor(client, app, uploads):
     expected = app.extensions["predictor"].predict(XRAY).probability
-    assert api_post(client, XRAY).get_json()["probability"] == pytest.approx(expected, abs=1e-6)
+    assert uploads.api(XRAY).get_json()["probability"] == pytest.approx(expected, abs=1e-6)
 
 
 def sixteen_bit_png():
@@ -165,8 +149,8 @@ def other_format(fmt):
      lambda: other_format("WEBP"), lambda: encode(synthetic_xray(300, 300), ".jpg")],
     ids=["png16", "rgba", "exif", "tiff", "bmp", "webp", "jpeg"],
 )
-def test_api_accepts_still_image_formats(client, make):
-    response = api_post(client, make())
+def test_api_accepts_still_image_formats(client, make, uploads):
+    response = uploads.api(make())
     assert response.status_code == 200, response.get_json()
 
 
@@ -201,19 +185,19 @@ def pixel_bomb():
     ],
     ids=["empty", "text", "truncated", "bomb", "tiny", "strip", "animation"],
 )
-def test_api_refusals(client, data, status, words):
-    response = api_post(client, data)
+def test_api_refusals(client, data, status, words, uploads):
+    response = uploads.api(data)
     assert response.status_code == status
     assert words in response.get_json()["error"]
 
 
-def test_api_refuses_a_request_without_a_file(client):
-    response = api_post(client, None)
+def test_api_refuses_a_request_without_a_file(client, uploads):
+    response = uploads.api(None)
     assert response.status_code == 400 and "No file" in response.get_json()["error"]
 
 
-def test_api_refuses_a_file_in_another_field(client):
-    response = api_post(client, XRAY, field="file")
+def test_api_refuses_a_file_in_another_field(client, uploads):
+    response = uploads.api(XRAY, field="file")
     assert response.status_code == 400 and "'image'" in response.get_json()["error"]
 
 
@@ -226,9 +210,9 @@ def test_api_refuses_two_files(client):
     assert response.status_code == 400 and "exactly one" in response.get_json()["error"]
 
 
-def test_too_many_bytes_is_413():
-    app = create_app({"TESTING": True, "SECRET_KEY": "t", "MAX_CONTENT_LENGTH": 50_000})
-    response = api_post(app.test_client(), b"\0" * 60_000)
+def test_too_many_bytes_is_413(make_app):
+    app = make_app(MAX_CONTENT_LENGTH=50_000)
+    response = Uploads(app.test_client()).api(b"\0" * 60_000)
     assert response.status_code == 413 and "limit" in response.get_json()["error"]
 
 
@@ -260,9 +244,9 @@ def test_uploads_are_kept_in_memory_even_when_large(app):
         assert isinstance(request.files["image"].stream, io.BytesIO)
 
 
-def test_logs_hold_no_file_name_or_image_content(client, caplog):
+def test_logs_hold_no_file_name_or_image_content(client, caplog, uploads):
     with caplog.at_level(logging.DEBUG):
-        api_post(client, XRAY, filename="Jane_Doe_1990-01-01.png")
+        uploads.api(XRAY, filename="Jane_Doe_1990-01-01.png")
     text = caplog.text
     assert "Jane_Doe" not in text
     assert "iVBOR" not in text and "PNG" not in text  # no raw or base64 PNG bytes

@@ -123,8 +123,8 @@ def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_da
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from conftest import synthetic_xray
-    from dicom_files import make_dicom, twelve_bit
+    from tests.support.dicom_files import make_dicom, twelve_bit
+    from tests.support.images import synthetic_xray
 
     dicom = tmp_path / "study.dcm"
     dicom.write_bytes(make_dicom(twelve_bit(synthetic_xray(400, 320))))

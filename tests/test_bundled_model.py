@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from model import PreprocessParams, Predictor
+from model import Predictor, PreprocessParams
 from model.settings import DEFAULT_CHECKPOINT
 from training.data import load_split
 from training.metrics import binary_metrics
@@ -32,7 +32,7 @@ def test_threshold_was_chosen_on_validation(predictor):
 
 def test_must_figures_on_the_original_size_test_split(predictor, test_split):
     assert len(test_split) == 624
-    probabilities = predictor.predict_batch(test_split.images).probabilities
+    probabilities = predictor.predict_many(test_split.images).probabilities
     metrics = binary_metrics(test_split.labels, probabilities, predictor.threshold)
     assert metrics["auc"] >= 0.96
     assert metrics["sensitivity"] >= 0.98
@@ -46,6 +46,6 @@ def test_must_figures_on_the_original_size_test_split(predictor, test_split):
 def test_predictor_on_bytes_matches_the_batch_path(predictor, real_data, test_split):
     path = real_data / test_split.files[0]
     single = predictor.predict(path.read_bytes()).probability
-    batch = predictor.predict_batch(test_split.images[:1]).probabilities
+    batch = predictor.predict_many(test_split.images[:1]).probabilities
     assert single == pytest.approx(float(batch[0]), abs=1e-5)
     np.testing.assert_array_equal(predictor.preprocess(path.read_bytes()), test_split.images[0])

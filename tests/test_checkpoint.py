@@ -1,13 +1,20 @@
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_xray
-from model import Checkpoint, CheckpointError, NetworkConfig, PneumoniaNet, Predictor, PreprocessParams
-from model import load_checkpoint, save_checkpoint
+from model import (
+    Checkpoint,
+    CheckpointError,
+    NetworkConfig,
+    PneumoniaNet,
+    Predictor,
+    PreprocessParams,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tests.support.images import synthetic_xray
 
 
 def make_checkpoint(preprocess=PreprocessParams(), threshold=0.3) -> Checkpoint:

@@ -1,9 +1,12 @@
+import logging
+import re
+
 import numpy as np
 import pytest
 
-from conftest import synthetic_xray
-from dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
 from model import InvalidImageError, decode_image, preprocess
+from tests.support.dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
+from tests.support.images import encode, synthetic_xray
 
 XRAY = synthetic_xray(320, 280)
 
@@ -56,3 +59,25 @@ def test_refusal_messages_name_no_patient():
         with pytest.raises(InvalidImageError) as error:
             decode_image(make_dicom(twelve_bit(XRAY), **kwargs))
         assert PATIENT_NAME not in str(error.value) and PATIENT_ID not in str(error.value)
+
+
+# ---- through the app ------------------------------------------------------------
+
+
+def test_dicom_through_the_api_and_the_form_without_patient_data(uploads, caplog):
+    dicom = make_dicom(twelve_bit(synthetic_xray(400, 320)))
+    with caplog.at_level(logging.DEBUG):
+        response = uploads.api(dicom, "study.dcm")
+        page = uploads.form(dicom, "study.dcm")
+    assert response.status_code == 200 and page.status_code == 200
+    expected = uploads.api(encode(synthetic_xray(400, 320), ".png")).get_json()["probability"]
+    assert response.get_json()["probability"] == pytest.approx(expected, abs=0.05)
+    page_text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page.get_data(as_text=True))
+    for text in (response.get_data(as_text=True), page_text, caplog.text):
+        assert "Doe" not in text and PATIENT_ID not in text and PATIENT_NAME not in text
+
+
+def test_non_radiograph_dicom_is_refused(uploads):
+    ct = make_dicom(twelve_bit(synthetic_xray(300, 300)), modality="CT")
+    response = uploads.api(ct, "ct.dcm")
+    assert response.status_code == 400 and "CT study" in response.get_json()["error"]

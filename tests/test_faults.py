@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import encode, synthetic_xray
 from model import load_checkpoint
 from model.settings import REPO_ROOT
-from serving import gunicorn, post_image
+from tests.support.images import encode, synthetic_xray
+from tests.support.server import gunicorn, post_image
 
 XRAY = encode(synthetic_xray(500, 400), ".jpg")
 

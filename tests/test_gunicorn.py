@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from conftest import encode, synthetic_xray
-from serving import ROOT, gunicorn, post_image
+from tests.support.images import encode, synthetic_xray
+from tests.support.server import ROOT, gunicorn, post_image
 
 pytestmark = pytest.mark.slow
 

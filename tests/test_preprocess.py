@@ -2,7 +2,6 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import encode, synthetic_xray
 from model import (
     ImageTooLargeError,
     InvalidImageError,
@@ -11,7 +10,8 @@ from model import (
     decode_image,
     preprocess,
 )
-from model.preprocess import DecodeLimits
+from model.decode import DecodeLimits
+from tests.support.images import encode, synthetic_xray
 
 SQUASH = PreprocessParams(geometry="squash")
 CROP = PreprocessParams(geometry="center_crop")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from model import PreprocessParams, Predictor, load_checkpoint
+from model import Predictor, PreprocessParams, load_checkpoint
 from training import data as data_module
 from training import evaluate, train
 from training.data import DatasetError, load_split, patient_id, validation_split

@@ -20,11 +20,12 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from model import CLASS_NAMES, ImageError, PreprocessParams, preprocess
+from model.atomic import atomic_write
+from model.settings import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class DatasetError(RuntimeError):
@@ -150,10 +151,8 @@ def _cache_key(root: Path, items: list[tuple[str, int]], params: PreprocessParam
 
 
 def _write_cache(path: Path, split: Split) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=split.images, labels=split.labels, files=np.asarray(split.files))
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        np.savez(handle, images=split.images, labels=split.labels, files=np.asarray(split.files))
 
 
 def _preprocess_one(args: tuple[str, PreprocessParams]) -> np.ndarray | str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 
 def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray, target: float) -> float:
@@ -18,17 +18,20 @@ def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray, tar
     return float(np.clip(positives[allowed_misses], 1e-6, 1 - 1e-6))
 
 
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve; NaN where one class is absent (a tiny dry run)."""
+    labels = np.asarray(labels).astype(int)
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < labels.size else float("nan")
+
+
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float, roc_points: int = 101) -> dict:
     """AUC, sensitivity, specificity, confusion matrix and a thinned ROC curve."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    predicted = probabilities >= threshold
-    tp = int(np.sum(predicted & (labels == 1)))
-    fn = int(np.sum(~predicted & (labels == 1)))
-    tn = int(np.sum(~predicted & (labels == 0)))
-    fp = int(np.sum(predicted & (labels == 0)))
+    predicted = (probabilities >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
     both_classes = 0 < labels.sum() < labels.size
-    auc = float(roc_auc_score(labels, probabilities)) if both_classes else float("nan")
+    auc = roc_auc(labels, probabilities)
     metrics = {
         "n": int(labels.size),
         "auc": auc,

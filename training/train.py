@@ -19,24 +19,35 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import Checkpoint, Ensemble, NetworkConfig, PneumoniaNet, Predictor, PreprocessParams, save_checkpoint
-from model.predictor import calibrate
+from model import (
+    Checkpoint,
+    Ensemble,
+    NetworkConfig,
+    PneumoniaNet,
+    Predictor,
+    PreprocessParams,
+    calibrate,
+    infer_batches,
+    save_checkpoint,
+)
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
 
 from .augment import augment
 from .calibrate import fit_temperature
 from .data import DatasetError, Split, load_split, validation_split
 from .evaluate import evaluate
-from .metrics import binary_metrics, format_table, threshold_for_sensitivity
+from .metrics import format_table, roc_auc, threshold_for_sensitivity
 from .ood import fit_gate
 
 log = logging.getLogger("training")
+
+#: A dry run trains on this many batches an epoch: enough to exercise every step.
+DRY_RUN_BATCHES = 3
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,7 +80,7 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
     labels = torch.from_numpy(split.labels).float()
     batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     if args.dry_run:
-        batches = batches[:3]
+        batches = batches[:DRY_RUN_BATCHES]
     total, count = 0.0, 0
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
@@ -88,23 +99,6 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
     return total / max(count, 1)
 
 
-@torch.inference_mode()
-def infer_all(model, images: np.ndarray, device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Raw logits and penultimate features of every image, in eval mode."""
-    model.eval()
-    logits, features = [], []
-    for start in range(0, len(images), batch_size):
-        out = model.infer(torch.from_numpy(images[start : start + batch_size]).unsqueeze(1).to(device))
-        logits.append(out.logits.float().cpu().numpy())
-        features.append(out.features.float().cpu().numpy())
-    return np.concatenate(logits).astype(np.float64), np.concatenate(features)
-
-
-def predict_probabilities(model, images: np.ndarray, device) -> np.ndarray:
-    """Uncalibrated probabilities: enough for AUC while training (calibration is monotonic)."""
-    return 1 / (1 + np.exp(-infer_all(model, images, device)[0]))
-
-
 def train_member(args, member: int, train: Split, val: Split, device) -> tuple[PneumoniaNet, dict]:
     """Train one network; keep the epoch with the best validation AUC."""
     seed = args.seed + 1000 * member
@@ -112,7 +106,9 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     generator = torch.Generator().manual_seed(seed)
     model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1])).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = min(-(-len(train) // args.batch_size), 3 if args.dry_run else 10**9)
+    steps_per_epoch = -(-len(train) // args.batch_size)
+    if args.dry_run:
+        steps_per_epoch = min(steps_per_epoch, DRY_RUN_BATCHES)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.2
     )
@@ -128,8 +124,8 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     )
     for epoch in range(args.epochs):
         loss = train_one_epoch(model, optimizer, scheduler, train, args, generator, device, pos_weight, bar)
-        val_probs = predict_probabilities(model, val.images, device)
-        val_auc = binary_metrics(val.labels, val_probs, 0.5)["auc"]
+        # Raw logits rank as the calibrated probabilities will (calibration is monotonic).
+        val_auc = roc_auc(val.labels, infer_batches(model, val.images, device=device).logits)
         history.append({"epoch": epoch + 1, "loss": round(loss, 5), "val_auc": round(val_auc, 5)})
         if val_auc > best_auc or best_state is None:
             best_auc, best_epoch = val_auc, epoch + 1
@@ -153,9 +149,8 @@ def version_string(created: dt.datetime, state_dicts, calibration: dict, gate, t
 
 def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensitivity: float):
     """Calibration and threshold from validation; the out-of-population gate from train (+ validation quantiles)."""
-    cpu = torch.device("cpu")
-    _, train_features = infer_all(model, train.images, cpu)
-    val_logits, val_features = infer_all(model, val.images, cpu)
+    train_features = infer_batches(model, train.images).features
+    val_logits, _, val_features, _ = infer_batches(model, val.images)
     calibration = fit_temperature(val_logits, val.labels)
     gate = fit_gate(train_features, train.labels, train.images, val_features, val.images)
     threshold = threshold_for_sensitivity(val.labels, calibrate(val_logits, calibration), target_sensitivity)

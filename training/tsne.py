@@ -21,14 +21,12 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from model import CLASS_NAMES, CheckpointError, Predictor
+from model import CLASS_NAMES, CheckpointError, Predictor, TsneMap
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir
 
 from .data import DatasetError, load_split
 
 log = logging.getLogger("training")
-
-ARTIFACT_VERSION = 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +53,7 @@ def embed(vectors: np.ndarray, perplexity: float, pca: int, seed: int) -> np.nda
     return tsne.fit_transform(vectors).astype(np.float32)
 
 
-def build_artifact(args) -> dict:
+def build_map(args) -> TsneMap:
     predictor = Predictor.from_path(args.checkpoint)
     params = predictor.checkpoint.preprocess
     splits = {name: load_split(args.data, name, params, args.cache_dir, args.workers) for name in ("train", "test")}
@@ -74,42 +72,33 @@ def build_artifact(args) -> dict:
     log.info("[3/%d] t-SNE of the learned features (%d dimensions)", steps, features.shape[1])
     feature_xy = embed(features, args.perplexity, args.pca, args.seed)
     log.info("      done in %.0f s", time.perf_counter() - started)
-    return {
-        "artifact_version": np.int64(ARTIFACT_VERSION),
-        "checkpoint_version": np.str_(predictor.version),
-        "created_at": np.str_(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),
-        "threshold": np.float64(predictor.threshold),
-        "pixel_xy": pixel_xy,
-        "feature_xy": feature_xy,
-        "split": np.array([name for name, s in splits.items() for _ in range(len(s))]),
-        "label": labels.astype(np.int8),
-        "files": np.array([f for s in splits.values() for f in s.files]),
-        "probability": probabilities.astype(np.float32),
-        "correct": predicted == labels,
-    }
-
-
-def write_artifact(artifact: dict, path: Path) -> None:
-    """Atomically, like checkpoints: the page never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **artifact)
-    os.replace(tmp, path)
+    return TsneMap(
+        checkpoint_version=predictor.version,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        threshold=predictor.threshold,
+        pixel_xy=pixel_xy,
+        feature_xy=feature_xy,
+        split=np.array([name for name, s in splits.items() for _ in range(len(s))]),
+        label=labels.astype(np.int8),
+        files=np.array([f for s in splits.values() for f in s.files]),
+        probability=probabilities.astype(np.float32),
+        correct=predicted == labels,
+    )
 
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     started = time.perf_counter()
     try:
-        artifact = build_artifact(args)
+        tsne_map = build_map(args)
     except (CheckpointError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
-    write_artifact(artifact, args.out)
-    wrong = int((~artifact["correct"]).sum())
+    tsne_map.save(args.out)
+    wrong = int((~tsne_map.correct).sum())
     print(
-        f"wrote {args.out}: {len(artifact['label'])} points ({CLASS_NAMES[1].lower()} "
-        f"{int(artifact['label'].sum())}), {wrong} misclassified, checkpoint {artifact['checkpoint_version']}, "
+        f"wrote {args.out}: {len(tsne_map)} points ({CLASS_NAMES[1].lower()} "
+        f"{int(tsne_map.label.sum())}), {wrong} misclassified, checkpoint {tsne_map.checkpoint_version}, "
         f"in {time.perf_counter() - started:.0f} s"
     )
     return 0

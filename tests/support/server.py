@@ -11,9 +11,8 @@ import time
 import urllib.request
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from model.settings import REPO_ROOT as ROOT
 
 
 def free_port() -> int:

@@ -1,0 +1,90 @@
+"""The Bokeh figure of a t-SNE map: both splits side by side, pixels and features as tabs.
+
+Building it costs about 0.2 s, so the embedded (script, div) pair is kept per map
+file and rebuilt only when the file changes.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from bokeh.embed import components
+from bokeh.layouts import row
+from bokeh.models import ColumnDataSource, HoverTool, TabPanel, Tabs
+from bokeh.plotting import figure
+
+from model import TsneMap
+
+COLORS = {"NORMAL": "#2e9e4f", "PNEUMONIA": "#d03b30"}
+
+
+def _sources(tsne_map: TsneMap, thumbnail_url: str | None) -> dict[str, tuple[ColumnDataSource, ColumnDataSource]]:
+    """Per split: all points, and the misclassified ones (drawn on top with a cross)."""
+    labels = np.where(tsne_map.label == 1, "PNEUMONIA", "NORMAL")
+    data = {
+        "px": tsne_map.pixel_xy[:, 0], "py": tsne_map.pixel_xy[:, 1],
+        "fx": tsne_map.feature_xy[:, 0], "fy": tsne_map.feature_xy[:, 1],
+        "file": tsne_map.files, "split": tsne_map.split, "label": labels,
+        "color": np.array([COLORS[label] for label in labels]),
+        "probability": tsne_map.probability,
+        "verdict": np.where(tsne_map.correct, "right", "WRONG"),
+    }
+    if thumbnail_url:
+        data["thumb"] = np.array([thumbnail_url + str(f) for f in tsne_map.files])
+    sources = {}
+    for split in ("train", "test"):
+        mask = tsne_map.split == split
+        wrong = mask & ~tsne_map.correct
+        sources[split] = (
+            ColumnDataSource({k: v[mask] for k, v in data.items()}),
+            ColumnDataSource({k: v[wrong] for k, v in data.items()}),
+        )
+    return sources
+
+
+def _tooltip(thumbnails: bool) -> str:
+    image = '<img class="thumb" src="@thumb" alt="" width="96" height="96">' if thumbnails else ""
+    return (
+        f'<div class="tsne-tip">{image}<div><b>@file</b><br>split: @split<br>label: @label<br>'
+        "P(pneumonia): @probability{0.000}<br>model: @verdict</div></div>"
+    )
+
+
+def build_layout(tsne_map: TsneMap, thumbnail_url: str | None) -> Tabs:
+    sources = _sources(tsne_map, thumbnail_url)
+    panels = []
+    for title, (x, y) in (("Pixels", ("px", "py")), ("Learned features", ("fx", "fy"))):
+        plots, shared = [], {}
+        for split, name in (("train", "Training split"), ("test", "Test split")):
+            points, wrong = sources[split]
+            plot = figure(
+                title=f"{name} ({len(points.data['file'])} images)",
+                width=560, height=520, tools="pan,wheel_zoom,box_zoom,reset,save",
+                active_scroll="wheel_zoom", **shared,
+            )
+            shared = {"x_range": plot.x_range, "y_range": plot.y_range}  # linked pan and zoom
+            dots = plot.scatter(x, y, source=points, size=5, color="color", alpha=0.6, legend_field="label")
+            crosses = plot.scatter(x, y, source=wrong, marker="x", size=9, color="#111111", line_width=1.5,
+                                   legend_label="model wrong")
+            plot.add_tools(HoverTool(renderers=[dots, crosses], tooltips=_tooltip(bool(thumbnail_url))))
+            plot.legend.location = "top_left"
+            plot.legend.click_policy = "hide"
+            plot.axis.visible = False
+            plot.grid.visible = False
+            plots.append(plot)
+        panels.append(TabPanel(child=row(*plots), title=title))
+    return Tabs(tabs=panels)
+
+
+def plot_components(path: Path, thumbnail_url: str | None) -> tuple[str, str, TsneMap]:
+    """(script, div, map) for the map file at ``path``; raises ``TsneMapError``."""
+    stat = path.stat() if path.is_file() else None
+    return _cached_components(str(path), stat and stat.st_mtime_ns, thumbnail_url)
+
+
+@lru_cache(maxsize=4)
+def _cached_components(path: str, mtime_ns: int | None, thumbnail_url: str | None) -> tuple[str, str, TsneMap]:
+    tsne_map = TsneMap.load(path)
+    script, div = components(build_layout(tsne_map, thumbnail_url))
+    return script, div, tsne_map

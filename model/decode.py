@@ -1,0 +1,119 @@
+"""Encoded bytes -> a 2-D grayscale array, with every size limit checked from the header.
+
+JPEG, PNG, TIFF, BMP, WebP and the other still formats Pillow reads; DICOM (see
+``dicom.py``); OpenCV as the fallback for formats Pillow does not know. What comes
+out keeps its own size and depth; ``preprocess`` makes the model input of it.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .settings import MAX_IMAGE_PIXELS
+
+# OpenCV's own pixel limit (read once, on its first decode) guards the fallback
+# decoder for formats Pillow does not know; Pillow's header is checked before that.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+import cv2  # noqa: E402
+from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+
+from .dicom import decode_dicom  # noqa: E402
+from .errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError  # noqa: E402
+from .pixels import stretch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What we refuse before spending memory on a file."""
+
+    max_pixels: int = MAX_IMAGE_PIXELS
+    min_side: int = 64
+    max_aspect: float = 4.0
+
+    def check(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise ImageTooLargeError(self.too_many_pixels(width * height))
+        if min(width, height) < self.min_side:
+            raise InvalidImageError(
+                f"The image is {width}x{height} pixels: too small to be a chest X-ray "
+                f"(at least {self.min_side} pixels a side)."
+            )
+        if max(width, height) > self.max_aspect * min(width, height):
+            raise InvalidImageError(
+                f"The image is {width}x{height} pixels: too elongated to be a chest X-ray "
+                f"(at most {self.max_aspect:g}:1)."
+            )
+
+    def too_many_pixels(self, pixels: int | None) -> str:
+        size = f" ({pixels / 1e6:.0f} megapixels)" if pixels else ""
+        return f"The image is too large{size}; the limit is {self.max_pixels / 1e6:.0f} megapixels."
+
+
+def is_dicom(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Decode encoded image bytes into a 2-D grayscale array, EXIF orientation applied.
+
+    The header is read first (Pillow parses it lazily), so a decompression bomb is
+    refused before its pixels are allocated. 16-bit data stays 16-bit.
+    """
+    if not data:
+        raise InvalidImageError("The file is empty.")
+    if is_dicom(data):
+        return decode_dicom(data, limits.check)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(limits.too_many_pixels(None)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return _decode_with_opencv(data, limits)
+    with image:
+        limits.check(*image.size)
+        try:
+            frames = getattr(image, "n_frames", 1)
+        except Exception:  # a broken frame table is a broken file
+            raise InvalidImageError("The image file is corrupt.") from None
+        if frames > 1:
+            raise InvalidImageError(
+                f"The file holds {frames} frames (an animation or a multi-page file); "
+                "upload a single still image."
+            )
+        kind = image.format or "image"
+        try:
+            image.load()
+            array = _pil_to_gray(ImageOps.exif_transpose(image))
+        except (OSError, ValueError, SyntaxError, EOFError):
+            raise InvalidImageError(
+                f"The {kind} file is truncated or corrupt and cannot be decoded."
+            ) from None
+    return array  # the size was checked from the header; a 90-degree turn does not change it
+
+
+def _pil_to_gray(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.array(image, dtype=np.uint16)
+    if image.mode in ("I", "F"):  # 32-bit integer or float: no fixed range to divide by
+        return stretch(np.array(image, dtype=np.float64))
+    if image.mode not in ("L",):
+        image = image.convert("L")
+    return np.array(image, dtype=np.uint8)
+
+
+def _decode_with_opencv(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    """Formats Pillow does not know but OpenCV does (EXR, HDR, PFM...)."""
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        array = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    except cv2.error:
+        array = None
+    if array is None:
+        raise UnsupportedImageError(
+            "The file is not an image in a format we can read (JPEG, PNG, TIFF, BMP, WebP...)."
+        )
+    limits.check(array.shape[1], array.shape[0])
+    return array

@@ -1,0 +1,72 @@
+"""The t-SNE map of the dataset: one file, one owner, one model version.
+
+Written by ``training/tsne.py``, read by the app's analysis page. It holds
+coordinates and metadata only, never images, and names the checkpoint version whose
+features it maps, so the page can say when the serving model has moved on.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write
+
+FORMAT_VERSION = 1
+
+
+class TsneMapError(RuntimeError):
+    """The map file is missing, unreadable or of another format version."""
+
+
+@dataclass
+class TsneMap:
+    checkpoint_version: str
+    created_at: str
+    threshold: float
+    pixel_xy: np.ndarray  # (N, 2) t-SNE of the 64x64 model inputs
+    feature_xy: np.ndarray  # (N, 2) t-SNE of the learned features
+    split: np.ndarray  # (N,) "train" or "test"
+    label: np.ndarray  # (N,) int8, 1 = PNEUMONIA
+    files: np.ndarray  # (N,) paths relative to the dataset folder
+    probability: np.ndarray  # (N,) float32, calibrated
+    correct: np.ndarray  # (N,) bool, the decision at ``threshold`` was right
+
+    _PER_POINT = ("pixel_xy", "feature_xy", "split", "label", "files", "probability", "correct")
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomically: the page never reads half a file."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, format_version=np.int64(FORMAT_VERSION),
+                            **{f.name: np.asarray(getattr(self, f.name)) for f in fields(self)})
+        with atomic_write(path) as handle:
+            handle.write(buffer.getvalue())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TsneMap":
+        path = Path(path)
+        if not path.is_file():
+            raise TsneMapError(f"No t-SNE artifact at {path}.")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                version = int(data["format_version"]) if "format_version" in data.files else int(data["artifact_version"])
+                if version != FORMAT_VERSION:
+                    raise TsneMapError(f"The t-SNE artifact at {path} has format version {version}; "
+                                       f"this code reads {FORMAT_VERSION}.")
+                values = {f.name: data[f.name] for f in fields(cls)}
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise TsneMapError(f"The t-SNE artifact at {path} is unreadable ({type(exc).__name__}).") from None
+        values["checkpoint_version"] = str(values["checkpoint_version"])
+        values["created_at"] = str(values["created_at"])
+        values["threshold"] = float(values["threshold"])
+        tsne_map = cls(**values)
+        if any(len(getattr(tsne_map, key)) != len(tsne_map) for key in cls._PER_POINT):
+            raise TsneMapError(f"The t-SNE artifact at {path} is unreadable (columns of different lengths).")
+        return tsne_map

@@ -1,0 +1,39 @@
+"""Several files at once: one row per file, refusals included, through the page and the API."""
+import re
+
+from tests.support.client import Uploads
+from tests.support.dicom_files import make_dicom, twelve_bit
+from tests.support.images import encode, synthetic_xray
+
+XRAY = encode(synthetic_xray(400, 320), ".png")
+
+
+def batch_files():
+    return [
+        (XRAY, "first.png"),
+        (b"not an image", "notes.txt"),
+        (encode(synthetic_xray(380, 300, seed=3), ".jpg"), "second.jpg"),
+        (make_dicom(twelve_bit(synthetic_xray(360, 300, seed=4))), "third.dcm"),
+    ]
+
+
+def test_batch_api_answers_one_row_per_file_with_refusals(uploads):
+    body = uploads.batch_api(batch_files()).get_json()
+    rows = body["results"]
+    assert [r["filename"] for r in rows] == ["first.png", "notes.txt", "second.jpg", "third.dcm"]
+    assert rows[1]["status"] == 415 and "not an image" in rows[1]["error"]
+    assert all(0 <= r["probability"] <= 1 for r in rows if "error" not in r)
+
+
+def test_batch_page_is_a_table_sorted_by_probability(uploads):
+    html = uploads.batch_form(batch_files()).get_data(as_text=True)
+    values = [float(v) for v in re.findall(r'data-value="([-\d.e]+)"', html)]
+    assert len(values) == 4 and values[-1] == -1  # the refusal sorts last
+    assert values[:3] == sorted(values[:3], reverse=True)
+    assert "notes.txt" in html and "refused" in html and 'class="metrics sortable"' in html
+
+
+def test_batch_file_count_limit(make_app):
+    files = [(XRAY, f"{i}.png") for i in range(6)]
+    response = Uploads(make_app(MAX_BATCH_FILES=5).test_client()).batch_api(files)
+    assert response.status_code == 400 and "at most 5" in response.get_json()["error"]

@@ -1,0 +1,44 @@
+"""The out-of-population gate of the bundled model: non-X-rays flagged, the test split passed."""
+import numpy as np
+import pytest
+
+from tests.support.images import encode
+from tests.support.non_xray import non_xray_images
+
+
+@pytest.fixture(scope="module")
+def predictor(app):
+    return app.extensions["predictor"]
+
+
+def test_bundled_checkpoint_has_a_gate_and_calibration(predictor):
+    checkpoint = predictor.checkpoint
+    assert checkpoint.gate is not None and checkpoint.gate.rule
+    assert checkpoint.calibration["temperature"] > 0
+    assert "ece" in checkpoint.metrics["test"]["calibration"]
+
+
+def test_every_non_xray_image_is_flagged(predictor):
+    missed = []
+    for name, image in non_xray_images():
+        prediction = predictor.predict(image)
+        if prediction.in_distribution:
+            missed.append((name, round(prediction.ood_score, 3)))
+    assert missed == []
+
+
+def test_gate_passes_the_test_split(predictor, real_data):
+    from training.data import load_split
+
+    split = load_split(real_data, "test", predictor.checkpoint.preprocess, cache_dir=None, progress=False)
+    flagged = float(np.mean(predictor.predict_many(split.images).ood_scores > 1))
+    assert flagged <= 0.05
+    assert flagged == pytest.approx(predictor.checkpoint.metrics["test"]["ood_flagged"], abs=1e-9)
+
+
+def test_result_page_and_api_say_so_plainly(uploads):
+    photo = encode(np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8), ".png")
+    body = uploads.api(photo).get_json()
+    assert body["in_distribution"] is False and body["ood_score"] > 1
+    html = uploads.form(photo).get_data(as_text=True)
+    assert 'id="ood-warning"' in html and "not reliable" in html
