@@ -1,12 +1,17 @@
-# Pneumonia screening web app: gunicorn serving the bundled model on port 8000.
+# Pneumonia screening web app: gunicorn serving the model store's model on port 8000.
 #   docker build -t pneumonia-screening .
-#   docker run -p 8000:8000 -e SECRET_KEY=... pneumonia-screening
+#   docker run -p 8000:8000 -e SECRET_KEY=... -v pneumonia-models:/var/lib/pneumonia/models pneumonia-screening
+# The model store is a volume: it outlives the container and is seeded with the
+# bundled model on first start. Retraining and promotion run in the same image
+# (docker exec; README, "Retraining"), with the dataset mounted at /data/chest_xray.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PNEUMONIA_MODEL_STORE=/var/lib/pneumonia/models \
+    CHEST_XRAY_DATA=/data/chest_xray
 
 WORKDIR /srv/app
 
@@ -17,12 +22,16 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requir
 
 COPY app ./app
 COPY model ./model
+COPY training ./training
 COPY templates ./templates
 COPY static ./static
 COPY wsgi.py gunicorn.conf.py ./
 
-RUN useradd --system --uid 10001 --no-create-home screening
+RUN useradd --system --uid 10001 --no-create-home screening \
+    && mkdir -p /var/lib/pneumonia/models /srv/app/.cache \
+    && chown screening /var/lib/pneumonia/models /srv/app/.cache
 USER screening
+VOLUME /var/lib/pneumonia/models
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \

@@ -16,7 +16,7 @@ keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 preload_app = os.environ.get("GUNICORN_PRELOAD", "1") == "1"
 # Recycle workers now and then, so a slow leak can never grow without bound.
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "5000"))
-max_requests_jitter = 500
+max_requests_jitter = max_requests // 10
 # The app logs one line per request (method, path, status, time); gunicorn's own
 # access log would repeat it. GUNICORN_ACCESSLOG=- turns it on.
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
@@ -32,3 +32,11 @@ def post_fork(server, worker):
     import cv2
 
     cv2.setNumThreads(1)
+
+
+def post_worker_init(worker):
+    # Before its first request, a worker (new, or recycled from the preloaded master)
+    # loads the store's current serving model and starts watching for promotions.
+    served = getattr(worker.wsgi, "extensions", {}).get("model")
+    if served is not None:
+        served.current()

@@ -7,13 +7,14 @@ import logging
 import sys
 
 from model import CheckpointError
+from model.store import StoreError
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
 
 from app import create_app  # noqa: E402
 
 try:
     app = create_app()
-except CheckpointError as exc:
+except (CheckpointError, StoreError) as exc:
     print(f"pneumonia-screening: cannot start: {exc}", file=sys.stderr, flush=True)
     raise SystemExit(3) from None

@@ -41,6 +41,12 @@ def create_app(config: dict | None = None) -> Flask:
     register_error_handlers(app)
     app.after_request(set_security_headers)
 
+    @app.context_processor
+    def _served_version():
+        # The version that answers this request, on every page (a function: error
+        # pages render it too, and only pages that show it ask for it).
+        return {"served_version": lambda: serving.get_predictor().version}
+
     @app.before_request
     def _start_timer():
         g.started = time.perf_counter()

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, abort, current_app, render_template, send
 from model import TsneMapError
 
 from .security import content_security_policy
-from .serving import get_predictor
+from .serving import get_predictor, tsne_map_path
 from .thumbnails import dataset_file, thumbnail_jpeg
 from .tsne_plot import plot_components
 
@@ -30,7 +30,7 @@ def analysis():
     config = current_app.config
     thumbnails = Path(config["DATASET_DIR"]).is_dir()
     try:
-        script, div, tsne_map = plot_components(Path(config["TSNE_ARTIFACT"]), THUMBNAIL_URL if thumbnails else None)
+        script, div, tsne_map = plot_components(tsne_map_path(), THUMBNAIL_URL if thumbnails else None)
     except TsneMapError as exc:
         return render_template("analysis.html", plot=None, problem=str(exc))
     nonce = secrets.token_urlsafe(16)

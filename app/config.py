@@ -1,28 +1,30 @@
 """App settings: defaults that run out of the box, each overridable by the environment.
 
-| variable                  | default                               |
-| ------------------------- | ------------------------------------- |
-| PNEUMONIA_CHECKPOINT      | model/weights/pneumonia_stn.pt        |
-| PNEUMONIA_TSNE_ARTIFACT   | model/weights/tsne.npz                |
-| CHEST_XRAY_DATA           | ../shared/data/chest_xray (thumbnails)|
-| MAX_UPLOAD_MB             | 20                                    |
-| MAX_IMAGE_MEGAPIXELS      | 40                                    |
-| MAX_BATCH_FILES           | 20                                    |
-| SECRET_KEY                | random per start, with a warning      |
+| variable                  | default                                                   |
+| ------------------------- | --------------------------------------------------------- |
+| PNEUMONIA_MODEL_STORE     | instance/models (seeded with the bundled model)           |
+| PNEUMONIA_CHECKPOINT      | unset; a file here is served as is, bypassing the store   |
+| PNEUMONIA_TSNE_ARTIFACT   | unset; the serving version's map in the store             |
+| CHEST_XRAY_DATA           | ../shared/data/chest_xray (thumbnails)                    |
+| MAX_UPLOAD_MB             | 20                                                        |
+| MAX_IMAGE_MEGAPIXELS      | 40                                                        |
+| MAX_BATCH_FILES           | 20                                                        |
+| SECRET_KEY                | random per start, with a warning                          |
 """
 from __future__ import annotations
 
 import os
 
-from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, MAX_IMAGE_PIXELS, data_dir
+from model.settings import MAX_IMAGE_PIXELS, data_dir, model_store_dir
 
 
 def from_environment() -> dict:
     """Flask config keys read from the environment (or defaults)."""
     env = os.environ
     return {
-        "CHECKPOINT_PATH": env.get("PNEUMONIA_CHECKPOINT", str(DEFAULT_CHECKPOINT)),
-        "TSNE_ARTIFACT": env.get("PNEUMONIA_TSNE_ARTIFACT", str(DEFAULT_TSNE_ARTIFACT)),
+        "MODEL_STORE": str(model_store_dir()),
+        "CHECKPOINT_PATH": env.get("PNEUMONIA_CHECKPOINT") or None,
+        "TSNE_ARTIFACT": env.get("PNEUMONIA_TSNE_ARTIFACT") or None,
         "DATASET_DIR": str(data_dir()),
         "MAX_CONTENT_LENGTH": int(float(env.get("MAX_UPLOAD_MB", "20")) * 1024 * 1024),
         "MAX_IMAGE_PIXELS": int(float(env.get("MAX_IMAGE_MEGAPIXELS", MAX_IMAGE_PIXELS / 1e6)) * 1_000_000),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
 
+from model.store import StoreError
+
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
 from .serving import get_predictor
 from .uploads import predict_each, read_batch_upload, read_single_upload
@@ -58,6 +60,22 @@ def predict_get():
     return redirect(url_for("pages.index"))
 
 
+def store_history(version: str) -> dict | None:
+    """The store's promotion history (newest first) and the previously served version's figures."""
+    store = current_app.extensions["model"].store
+    if store is None:
+        return None
+    try:
+        pointer = store.read_pointer()
+    except StoreError:
+        return None
+    summaries = {row["version"]: row for row in store.versions()}
+    earlier = [e["version"] for e in pointer.history if e["version"] != version]
+    previous = summaries.get(earlier[-1]) if earlier else None
+    events = [{**e, "trained_at": summaries.get(e["version"], {}).get("trained_at")} for e in reversed(pointer.history)]
+    return {"events": events, "previous": previous, "serving_pointer": pointer.serving}
+
+
 @bp.get("/model")
 def model_card():
     checkpoint = get_predictor().checkpoint
@@ -66,6 +84,7 @@ def model_card():
         "model.html",
         model=checkpoint,
         metrics=metrics,
+        history=store_history(checkpoint.version),
         roc_lines={name: roc_polyline(m.get("roc")) for name, m in metrics.items()},
         reliability={name: reliability_bars(m["calibration"]["bins"]) for name, m in metrics.items() if "calibration" in m},
     )
@@ -73,8 +92,8 @@ def model_card():
 
 @bp.get("/healthz")
 def healthz():
-    predictor = current_app.extensions.get("predictor")
-    loaded = predictor is not None and predictor.works
+    predictor = get_predictor()
+    loaded = predictor.works
     body = {"status": "ok" if loaded else "unavailable", "model_loaded": loaded,
-            "model_version": predictor.version if predictor is not None else None}
+            "model_version": predictor.version}
     return jsonify(body), 200 if loaded else 503

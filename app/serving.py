@@ -1,32 +1,132 @@
-"""The model this process serves: loaded once at start-up, shared by every request.
+"""The model this process serves, and how a promotion reaches it without a restart.
 
 A leaf module, like flaskr's ``db.py``: the blueprints ask ``get_predictor()`` and
-never import the app factory.
+never import the app factory. Each request uses one predictor from start to end
+(kept in ``g``), so every answer names the version that computed it.
+
+Hot swap: in each process a watcher thread looks at the store's pointer once a
+second (one ``stat``); when it has moved, it loads the new version while requests go
+on with the old one, then swaps with one assignment. A forked worker (gunicorn
+recycles workers from the preloaded master) catches up before its first answer and
+starts its own watcher. A version that cannot be loaded, or whose preprocessing
+differs from this code's, never replaces a working model: the worker keeps what it
+has and logs one line.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+from pathlib import Path
 
-from flask import Flask, current_app
+from flask import Flask, current_app, g
 
-from model import DecodeLimits, Predictor
+from model import CheckpointError, DecodeLimits, Predictor, PreprocessParams
+from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT
+from model.store import ModelStore, StoreError
 
 log = logging.getLogger("app")
 
+CHECK_INTERVAL_S = 1.0
+
+
+class ServedModel:
+    """The current predictor of one process; ``store`` is None for a pinned checkpoint file."""
+
+    def __init__(self, predictor: Predictor, store: ModelStore | None = None, limits: DecodeLimits = DecodeLimits()):
+        self.predictor = predictor
+        self.store = store
+        self.limits = limits
+        self._stamp = store.pointer_stamp() if store else None
+        self._watching_pid: int | None = None  # the process whose watcher thread runs
+        self._start = threading.Lock()
+
+    @classmethod
+    def from_store(cls, store: ModelStore, limits: DecodeLimits) -> "ServedModel":
+        """Start-up: the serving version must load (``CheckpointError``/``StoreError`` otherwise)."""
+        stamp = store.pointer_stamp()
+        served = cls(_load(store, store.serving_version(), limits), store, limits)
+        served._stamp = stamp
+        return served
+
+    def current(self) -> Predictor:
+        """The predictor to use now; the first call in a process catches up and starts watching."""
+        if self.store is not None and self._watching_pid != os.getpid():
+            with self._start:
+                if self._watching_pid != os.getpid():  # a new process: a fork of the preloaded master
+                    self.refresh()
+                    threading.Thread(target=self._watch, daemon=True, name="model-watch").start()
+                    self._watching_pid = os.getpid()
+        return self.predictor
+
+    def refresh(self) -> None:
+        """Serve the store's pointer if it has moved; a version that cannot serve is logged and skipped."""
+        stamp = self.store.pointer_stamp()
+        if stamp == self._stamp:
+            return
+        old = self.predictor.version
+        try:
+            version = self.store.serving_version()
+            if version != old:
+                self.predictor = _load(self.store, version, self.limits)  # one assignment: requests see old or new
+                log.info("now serving model %s (was %s)", version, old)
+        except (CheckpointError, StoreError) as exc:
+            log.error("keeping model %s: %s", old, exc)
+        self._stamp = stamp  # a broken pointer or version is not retried until it changes
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(CHECK_INTERVAL_S)
+            try:
+                self.refresh()
+            except Exception:  # the watcher must outlive anything one refresh meets
+                log.exception("model watcher: refresh failed; keeping model %s", self.predictor.version)
+
+
+def _load(store: ModelStore, version: str, limits: DecodeLimits) -> Predictor:
+    predictor = Predictor(store.load(version, expected_preprocess=PreprocessParams()), limits)
+    if not predictor.works:
+        raise CheckpointError(f"model {version} gives no finite probability")
+    return predictor
+
 
 def init_app(app: Flask) -> None:
-    """Load the checkpoint; a missing, corrupt or incompatible one raises ``CheckpointError``."""
+    """Load the serving model: a pinned ``CHECKPOINT_PATH``, or the store's (seeded on first use)."""
     limits = DecodeLimits(max_pixels=app.config["MAX_IMAGE_PIXELS"])
     started = time.perf_counter()
-    predictor = Predictor.from_path(app.config["CHECKPOINT_PATH"], limits)
-    if not predictor.works:
-        log.error("model %s gives no finite probability: /healthz reports it unavailable", predictor.version)
-    app.extensions["predictor"] = predictor
-    log.info("loaded model %s from %s in %.2f s", predictor.version, app.config["CHECKPOINT_PATH"],
+    if app.config.get("CHECKPOINT_PATH"):
+        predictor = Predictor.from_path(app.config["CHECKPOINT_PATH"], limits)
+        served, source = ServedModel(predictor, None, limits), app.config["CHECKPOINT_PATH"]
+        if not predictor.works:
+            log.error("model %s gives no finite probability: /healthz reports it unavailable", predictor.version)
+    else:
+        store = ModelStore(app.config["MODEL_STORE"])
+        if store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT):
+            log.info("seeded the model store %s with the bundled model", store.root)
+        served, source = ServedModel.from_store(store, limits), f"the model store {store.root}"
+    app.extensions["model"] = served
+    log.info("serving model %s from %s (loaded in %.2f s)", served.predictor.version, source,
              time.perf_counter() - started)
 
 
 def get_predictor() -> Predictor:
-    """The predictor loaded at start-up (one per process, shared by its threads)."""
-    return current_app.extensions["predictor"]
+    """The predictor for this request: one per request, the current one when it began."""
+    if "predictor" not in g:
+        g.predictor = current_app.extensions["model"].current()
+    return g.predictor
+
+
+def tsne_map_path() -> Path:
+    """The t-SNE map to show: a pinned file, the serving version's, else the newest in the store."""
+    config = current_app.config
+    if config.get("TSNE_ARTIFACT"):
+        return Path(config["TSNE_ARTIFACT"])
+    store = current_app.extensions["model"].store
+    if store is None:
+        return DEFAULT_TSNE_ARTIFACT
+    own = store.tsne_path(get_predictor().version)
+    if own.is_file():
+        return own
+    others = sorted(store.versions_dir.glob("*.tsne.npz"), key=lambda p: p.stat().st_mtime)
+    return others[-1] if others else DEFAULT_TSNE_ARTIFACT

@@ -14,6 +14,10 @@ DEFAULT_CHECKPOINT = REPO_ROOT / "model" / "weights" / "pneumonia_stn.pt"
 #: The t-SNE artifact made from the bundled checkpoint (see training/tsne.py).
 DEFAULT_TSNE_ARTIFACT = REPO_ROOT / "model" / "weights" / "tsne.npz"
 
+#: The model store (model/store.py): versioned checkpoints and the serving pointer.
+#: Flask's instance folder, ignored by git; in Docker, a volume.
+DEFAULT_MODEL_STORE = REPO_ROOT / "instance" / "models"
+
 #: Where preprocessed arrays are cached between training runs.
 DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "preprocessed"
 
@@ -32,3 +36,8 @@ def data_dir() -> Path:
     """
     default = REPO_ROOT.parent / "shared" / "data" / "chest_xray"
     return Path(os.environ.get("CHEST_XRAY_DATA", default)).expanduser()
+
+
+def model_store_dir() -> Path:
+    """The model store folder: ``PNEUMONIA_MODEL_STORE``, read by the app and every admin command."""
+    return Path(os.environ.get("PNEUMONIA_MODEL_STORE", DEFAULT_MODEL_STORE)).expanduser()

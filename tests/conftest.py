@@ -12,8 +12,16 @@ from tests.support.client import Uploads
 from tests.support.images import make_dataset
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_store(tmp_path_factory) -> Path:
+    """Every test, and every server a test starts, uses a model store of its own."""
+    root = tmp_path_factory.mktemp("model-store")
+    os.environ["PNEUMONIA_MODEL_STORE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
-def app():
+def app(model_store):
     """The app with the bundled model, as ``make serve`` starts it (shared: it holds no state)."""
     return create_app({"TESTING": True, "SECRET_KEY": "test"})
 

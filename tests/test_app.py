@@ -40,13 +40,13 @@ def test_result_page_shows_probability_decision_threshold_images_and_disclaimer(
     assert response.status_code == 200
     probability = float(re.search(r'id="probability">([\d.]+)%', html).group(1))
     decision = re.search(r'id="decision">([^<]+)<', html).group(1)
-    threshold = app.extensions["predictor"].threshold
+    threshold = app.extensions["model"].predictor.threshold
     assert decision == ("PNEUMONIA suspected" if probability / 100 >= threshold - 5e-4 else "NORMAL")
     assert f"{100 * threshold:.1f}%" in html
     assert html.count('src="data:image/png;base64,') == 3  # model input, aligned, heat map
     assert "Where the model looked" in html
     assert "not a diagnosis" in html
-    assert app.extensions["predictor"].version in html
+    assert app.extensions["model"].predictor.version in html
     assert "specificity" in html and 'href="/"' in html
     assert response.headers["Cache-Control"] == "no-store"
 
@@ -67,7 +67,7 @@ def test_form_refusal_is_a_page_with_the_message(client, uploads):
 
 def test_model_card_shows_metrics_roc_and_confusion_matrix(client, app):
     html = client.get("/model").get_data(as_text=True)
-    checkpoint = app.extensions["predictor"].checkpoint
+    checkpoint = app.extensions["model"].predictor.checkpoint
     assert checkpoint.version in html
     assert "Operating threshold" in html and "validation" in html and "test" in html
     assert html.count('class="roc"') == 2 and html.count("Confusion matrix") >= 2
@@ -77,18 +77,18 @@ def test_model_card_shows_metrics_roc_and_confusion_matrix(client, app):
 def test_analysis_page_shows_the_bundled_map_of_the_bundled_model(client, app):
     html = client.get("/analysis").get_data(as_text=True)
     assert "Training split" in html and "Learned features" in html
-    assert app.extensions["predictor"].version in html
+    assert app.extensions["model"].predictor.version in html
     assert 'id="stale"' not in html and 'id="no-artifact"' not in html
 
 
 def test_healthz(client, app):
     body = client.get("/healthz").get_json()
-    assert body == {"status": "ok", "model_loaded": True, "model_version": app.extensions["predictor"].version}
+    assert body == {"status": "ok", "model_loaded": True, "model_version": app.extensions["model"].predictor.version}
 
 
 def test_healthz_reports_a_model_that_gives_no_finite_answer(make_app):
     app = make_app()
-    predictor = app.extensions["predictor"]
+    predictor = app.extensions["model"].predictor
     with torch.no_grad():
         predictor.model.members[0].head[1].bias.fill_(float("nan"))
     predictor.__dict__.pop("works", None)  # the self-check runs again on the broken weights
@@ -111,12 +111,12 @@ def test_api_predict_answers_the_documented_fields(client, app, uploads):
     assert set(body) == {"probability", "label", "threshold", "model_version", "in_distribution", "ood_score"}
     assert 0 <= body["probability"] <= 1
     assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")
-    assert body["model_version"] == app.extensions["predictor"].version
+    assert body["model_version"] == app.extensions["model"].predictor.version
     assert response.headers["Cache-Control"] == "no-store"
 
 
 def test_api_agrees_with_the_predictor(client, app, uploads):
-    expected = app.extensions["predictor"].predict(XRAY).probability
+    expected = app.extensions["model"].predictor.predict(XRAY).probability
     assert uploads.api(XRAY).get_json()["probability"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -8,7 +8,7 @@ from tests.support.non_xray import non_xray_images
 
 @pytest.fixture(scope="module")
 def predictor(app):
-    return app.extensions["predictor"]
+    return app.extensions["model"].predictor
 
 
 def test_bundled_checkpoint_has_a_gate_and_calibration(predictor):

@@ -2,10 +2,12 @@
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tests.support.images import encode, synthetic_xray
 from tests.support.server import ROOT, gunicorn, post_image
+from training import train
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +39,67 @@ def test_gunicorn_refuses_to_start_on_a_truncated_checkpoint(tmp_path):
     assert result.returncode != 0
     assert "cannot start" in result.stderr and "truncated or corrupt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("settings", [{"GUNICORN_PRELOAD": "1", "GUNICORN_MAX_REQUESTS": "60"},
+                                      {"GUNICORN_PRELOAD": "0"}], ids=["preload-recycling", "no-preload"])
+def test_promotion_and_rollback_reach_every_worker_under_load_without_a_failed_request(tmp_path, settings):
+    """Two workers under four clients; promote, then roll back: each worker switches within 5 s.
+
+    With preloading and workers recycled every ~60 requests, the new workers fork from a
+    master that still holds the start-up model: they must serve the current one.
+    """
+    import re
+    import shutil
+    import threading
+    import time
+
+    from model.store import ModelStore
+    from tests.support.images import make_dataset
+
+    store_dir = tmp_path / "store"
+    data = make_dataset(tmp_path / "chest_xray", per_class=8)
+    assert train.main(train.get_args_parser().parse_args(
+        ["--data", str(data), "--store", str(store_dir), "--epochs", "1", "--dry-run", "--workers", "1",
+         "--cache-dir", str(tmp_path / "cache")])) == 0
+    store = ModelStore(store_dir)
+    bundled, candidate = store.serving_version(), store.versions()[-1]["version"]
+    xray = encode(synthetic_xray(500, 400), ".jpg")
+    log_path = tmp_path / "server.log"
+    with gunicorn(workers=2, env={"PNEUMONIA_MODEL_STORE": str(store_dir), **settings}, log_path=log_path) as (base, server):
+        outcomes, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    status, body = post_image(base, xray, timeout=10)
+                    outcomes.append((time.monotonic(), status, body.get("model_version")))
+                except OSError as error:
+                    outcomes.append((time.monotonic(), "connection", repr(error)))
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        switches = {}  # per move: workers that kept the old model
+        for version, action in ((candidate, "promote"), (bundled, "rollback")):
+            time.sleep(1.5)
+            before = {str(p.pid) for p in psutil.Process(server.pid).children()}
+            with store.lock("promote"):
+                store.set_serving(version, action, forced=True, reason="load drill")
+            moved = time.monotonic()
+            time.sleep(5)
+            pattern = rf"\[(\d+)\] INFO app: now serving model {re.escape(version)}"
+            alive = {str(p.pid) for p in psutil.Process(server.pid).children()}
+            switched = set(re.findall(pattern, log_path.read_text()))
+            # every worker that held the old model switched, unless it was recycled meanwhile
+            switches[version] = (before & alive) - switched
+            assert before and switches[version] == set(), f"workers that did not switch after the {action}"
+            late = [o for o in outcomes if o[0] > moved + 5 and o[1] == 200 and o[2] != version]
+            assert late == [], f"answers from the old model more than 5 s after the {action}"
+        time.sleep(1)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    failed = [o for o in outcomes if o[1] != 200]
+    assert failed == [] and len(outcomes) > 50
+    assert {o[2] for o in outcomes} == {bundled, candidate}

@@ -16,7 +16,7 @@ VALID = encode(synthetic_xray(400, 320), ".png")
 
 @pytest.fixture(scope="module")
 def expected_valid(app):
-    return app.extensions["predictor"].predict(VALID).probability
+    return app.extensions["model"].predictor.predict(VALID).probability
 
 
 def check(response, expected, is_json):

@@ -39,7 +39,7 @@ def test_an_ensemble_s_map_is_the_mean_of_its_members_maps():
 
 
 def test_saliency_does_not_change_the_prediction(app):
-    predictor = app.extensions["predictor"]
+    predictor = app.extensions["model"].predictor
     plain, with_map = predictor.predict(XRAY), predictor.predict(XRAY, saliency=True)
     assert plain.saliency is None and with_map.saliency.shape == (64, 64)
     assert with_map.probability == pytest.approx(plain.probability, abs=1e-6)

@@ -2,9 +2,11 @@
 
     python -m training.train --data ../shared/data/chest_xray
 
-The checkpoint is written atomically at the end, and only then: an interrupted or
-failed run leaves the previous checkpoint as it was. A lock beside the checkpoint
-keeps two admins from training into the same file at once.
+The result is a new candidate in the model store (``PNEUMONIA_MODEL_STORE``): it
+changes nothing that is served until ``python -m training.models promote VERSION``
+passes the promotion guard. ``--out FILE`` writes a checkpoint file instead, for
+experiments (never the bundled one). Files are written atomically at the end, and
+only then; a lock keeps two runs from writing into the same place at once.
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ from model import (
     infer_batches,
     save_checkpoint,
 )
-from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
+from model.atomic import atomic_write
+from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir, model_store_dir
+from model.store import ModelStore, StoreError
 
 from .augment import augment
 from .calibrate import fit_temperature
@@ -53,7 +57,9 @@ DRY_RUN_BATCHES = 3
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=data_dir(), help="dataset folder (train|val|test/NORMAL|PNEUMONIA)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint to write")
+    parser.add_argument("--store", type=Path, default=model_store_dir(), help="model store to add the candidate to")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write a checkpoint file (and FILE.metrics.json) instead of a store candidate")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--members", type=int, default=1, help="networks in the ensemble, each from its own seed")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -162,26 +168,39 @@ def main(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         log.error("--device cuda was asked for, but no CUDA device is available")
         return 2
+    if args.out is not None and args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
+        log.error("%s is the bundled checkpoint, which no command writes: train into the store "
+                  "(no --out) or name another file", args.out)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    lock = FileLock(str(args.out) + ".lock")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out is None:
+        store = ModelStore(args.store)
+        lock_path = store.root / ".train.lock"
+    else:
+        store = None
+        lock_path = Path(str(args.out) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.error("another training run is writing %s (lock %s.lock); try again when it ends", args.out, args.out)
+        log.error("another training run is writing to %s (lock %s); try again when it ends", args.out or args.store,
+                  lock_path)
         return 3
     try:
-        return _run(args, device)
-    except DatasetError as exc:
+        if store is not None:
+            store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT)
+        return _run(args, device, store)
+    except (DatasetError, StoreError) as exc:
         log.error("%s", exc)
         return 2
     finally:
         lock.release()
 
 
-def _run(args, device) -> int:
+def _run(args, device, store: ModelStore | None) -> int:
     started = time.perf_counter()
     params = PreprocessParams(geometry=args.geometry, equalize=args.equalize)
     limit = 48 if args.dry_run else None
@@ -227,18 +246,25 @@ def _run(args, device) -> int:
     predictor = Predictor(checkpoint)
     results = {"validation": evaluate(predictor, val), "test": evaluate(predictor, test)}
     checkpoint.metrics = results
-    save_checkpoint(checkpoint, args.out)
-    metrics_path = args.out.with_suffix(".metrics.json")
-    metrics_path.write_text(json.dumps({"version": checkpoint.version, "threshold": threshold, **results}, indent=2))
+    if store is None:
+        save_checkpoint(checkpoint, args.out)
+        metrics_path = args.out.with_suffix(".metrics.json")
+        with atomic_write(metrics_path) as handle:
+            handle.write(json.dumps({"version": checkpoint.version, "threshold": threshold, **results}, indent=2).encode())
+        written = f"{args.out} and {metrics_path}"
+    else:
+        written = f"candidate {checkpoint.version}{' (dry run)' if args.dry_run else ''} into the store {store.root}"
+        store.add(checkpoint)
     print(format_table(results))
     print(f"threshold {threshold:.4f} ({args.target_sensitivity} target sensitivity on validation); "
           f"calibration T={calibration['temperature']:.3f} b={calibration['bias']:.3f}; "
           f"ECE validation {results['validation']['calibration']['ece']:.4f}, test {results['test']['calibration']['ece']:.4f}; "
           f"out-of-population flagged: validation {results['validation']['ood_flagged']:.1%}, "
           f"test {results['test']['ood_flagged']:.1%}")
-    print(f"wrote {args.out} ({checkpoint.version}) and {metrics_path} in {time.perf_counter() - started:.0f} s")
-    if not args.dry_run:
-        print("The t-SNE page still shows the previous model: refresh it with python -m training.tsne")
+    print(f"wrote {written} in {time.perf_counter() - started:.0f} s")
+    print(f"version {checkpoint.version}")
+    if store is not None:
+        print(f"Nothing served has changed. To serve it: python -m training.models promote {checkpoint.version}")
     return 0
 
 

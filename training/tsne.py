@@ -5,7 +5,9 @@
 One map from the preprocessed 64x64 pixels (as the seed's author did, which showed
 the test split lying apart from the training split) and one from the model's learned
 features. The artifact holds coordinates and metadata only, never images, and names
-the checkpoint version it was made with so the page can say when it is stale.
+the checkpoint version it was made with so the page can say when it is stale. By
+default it maps the store's serving model and is written beside that version in the
+store, where the app finds it: a t-SNE map belongs to one model version.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from model import CLASS_NAMES, CheckpointError, Predictor, TsneMap
-from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir
+from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir, model_store_dir
+from model.store import ModelStore, StoreError
 
 from .data import DatasetError, load_split
 
@@ -32,8 +35,9 @@ log = logging.getLogger("training")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=data_dir())
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--out", type=Path, default=DEFAULT_TSNE_ARTIFACT)
+    parser.add_argument("--store", type=Path, default=model_store_dir())
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the store's serving model")
+    parser.add_argument("--out", type=Path, default=None, help="default: beside that version in the store")
     parser.add_argument("--perplexity", type=float, default=30.0)
     parser.add_argument("--pca", type=int, default=50, help="PCA components before t-SNE (0: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -53,8 +57,8 @@ def embed(vectors: np.ndarray, perplexity: float, pca: int, seed: int) -> np.nda
     return tsne.fit_transform(vectors).astype(np.float32)
 
 
-def build_map(args) -> TsneMap:
-    predictor = Predictor.from_path(args.checkpoint)
+def build_map(args, checkpoint: Path) -> TsneMap:
+    predictor = Predictor.from_path(checkpoint)
     params = predictor.checkpoint.preprocess
     splits = {name: load_split(args.data, name, params, args.cache_dir, args.workers) for name in ("train", "test")}
     images = np.concatenate([s.images for s in splits.values()])
@@ -90,14 +94,19 @@ def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     started = time.perf_counter()
     try:
-        tsne_map = build_map(args)
-    except (CheckpointError, DatasetError) as exc:
+        store = ModelStore(args.store)
+        if args.checkpoint is None or args.out is None:
+            store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT)
+        checkpoint = args.checkpoint or store.checkpoint_path(store.serving_version())
+        tsne_map = build_map(args, checkpoint)
+    except (CheckpointError, DatasetError, StoreError) as exc:
         log.error("%s", exc)
         return 2
-    tsne_map.save(args.out)
+    out = args.out or store.tsne_path(tsne_map.checkpoint_version)
+    tsne_map.save(out)
     wrong = int((~tsne_map.correct).sum())
     print(
-        f"wrote {args.out}: {len(tsne_map)} points ({CLASS_NAMES[1].lower()} "
+        f"wrote {out}: {len(tsne_map)} points ({CLASS_NAMES[1].lower()} "
         f"{int(tsne_map.label.sum())}), {wrong} misclassified, checkpoint {tsne_map.checkpoint_version}, "
         f"in {time.perf_counter() - started:.0f} s"
     )

@@ -22,12 +22,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(workers: int = 1, env: dict | None = None, timeout: float = 90):
-    """Yields (base_url, process); stops the server (and its workers) on exit."""
+def gunicorn(workers: int = 1, env: dict | None = None, timeout: float = 90, log_path: Path | None = None):
+    """Yields (base_url, process); stops the server (and its workers) on exit.
+
+    ``log_path``: keep the server's log in that file (for a test that reads it).
+    """
     port = free_port()
     environment = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers), **(env or {})}
     # The server's log goes to a file: an unread pipe fills up and blocks the workers.
-    log = tempfile.TemporaryFile(mode="w+")
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "wsgi:app"],
         cwd=ROOT,

@@ -1,0 +1,187 @@
+"""The model store: immutable versioned checkpoints and one pointer naming the serving one.
+
+    STORE/versions/<version>.pt          the checkpoint, never rewritten
+    STORE/versions/<version>.json        its summary (dates, figures, dry run), for listing
+    STORE/versions/<version>.tsne.npz    the t-SNE map made with that version, if any
+    STORE/serving.json                   {"serving": version, "history": [...]}, written atomically
+
+Training adds candidates; only a promotion or a rollback moves the pointer, under a
+lock, with one atomic rename: a crash at any point leaves the old model serving.
+An empty or absent store is seeded with the bundled checkpoint on first use. Servers
+watch ``serving.json`` and swap models when it changes (see ``app/serving.py``).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+
+from .atomic import atomic_write
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+
+POINTER = "serving.json"
+SUMMARY_SPLITS = ("validation", "test")
+SUMMARY_FIGURES = ("auc", "sensitivity", "false_positive_rate", "ood_flagged", "threshold")
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message says why, in one line."""
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def summary_of(checkpoint: Checkpoint) -> dict:
+    """What ``list`` shows of a version, without loading its weights."""
+    return {
+        "version": checkpoint.version,
+        "trained_at": checkpoint.created_at,
+        "dry_run": bool(checkpoint.training_data.get("dry_run", False)),
+        "seed": checkpoint.training_data.get("seed"),
+        "preprocess": checkpoint.preprocess.to_dict(),
+        "metrics": {
+            split: {k: checkpoint.metrics[split][k] for k in SUMMARY_FIGURES if k in checkpoint.metrics.get(split, {})}
+            for split in SUMMARY_SPLITS if split in checkpoint.metrics
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Pointer:
+    serving: str
+    history: tuple[dict, ...]  # oldest first: {"version", "at", "action", "forced", "reason"}
+
+    @property
+    def previous(self) -> str | None:
+        """The version that served before the current one, as rollback understands it."""
+        return self.history[-2]["version"] if len(self.history) >= 2 else None
+
+
+class ModelStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.pointer_path = self.root / POINTER
+
+    # ---- reading -------------------------------------------------------------------
+
+    def checkpoint_path(self, version: str) -> Path:
+        if not version or "/" in version or version.startswith("."):
+            raise StoreError(f"{version!r} is not a model version")
+        return self.versions_dir / f"{version}.pt"
+
+    def tsne_path(self, version: str) -> Path:
+        return self.versions_dir / f"{version}.tsne.npz"
+
+    def read_pointer(self) -> Pointer:
+        try:
+            data = json.loads(self.pointer_path.read_text())
+            return Pointer(str(data["serving"]), tuple(data.get("history", ())))
+        except FileNotFoundError:
+            raise StoreError(f"the model store {self.root} has no serving model yet") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"the model store's pointer {self.pointer_path} is unreadable ({type(exc).__name__})") from None
+
+    def serving_version(self) -> str:
+        return self.read_pointer().serving
+
+    def pointer_stamp(self) -> tuple | None:
+        """Changes whenever the pointer is replaced: cheap enough to ask on every request."""
+        try:
+            stat = self.pointer_path.stat()
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    def versions(self) -> list[dict]:
+        """Every version's summary, oldest first; a file that cannot be read says so."""
+        rows = []
+        for path in sorted(self.versions_dir.glob("*.pt")):
+            version = path.stem
+            try:
+                rows.append(json.loads((self.versions_dir / f"{version}.json").read_text()))
+            except (OSError, ValueError):
+                rows.append({"version": version, "problem": "summary missing or unreadable"})
+        return sorted(rows, key=lambda r: (r.get("added_at", ""), r["version"]))
+
+    def load(self, version: str, **kwargs) -> Checkpoint:
+        """The checkpoint of ``version``; ``CheckpointError`` if it is missing, broken or foreign."""
+        checkpoint = load_checkpoint(self.checkpoint_path(version), **kwargs)
+        if checkpoint.version != version:
+            raise CheckpointError(f"{self.checkpoint_path(version)} holds version {checkpoint.version}, not {version}")
+        return checkpoint
+
+    # ---- writing -------------------------------------------------------------------
+
+    def add(self, checkpoint: Checkpoint, source: str = "training") -> Path:
+        """Store a new candidate; never changes what is served. Returns its path."""
+        path = self.checkpoint_path(checkpoint.version)
+        if path.exists():
+            raise StoreError(f"version {checkpoint.version} is already in the store")
+        save_checkpoint(checkpoint, path)
+        self._write_summary(checkpoint, source)
+        return path
+
+    def ensure_seeded(self, bundled: str | os.PathLike, bundled_tsne: str | os.PathLike | None = None) -> bool:
+        """Seed an empty or absent store with the bundled checkpoint as its serving model.
+
+        A store that serves already gets a newer bundled checkpoint (a code update) as a
+        candidate only: what serves changes by promotion alone. Returns True when it
+        seeded. The bundled files are copied, never written.
+        """
+        with self.lock("promote"):
+            checkpoint = load_checkpoint(bundled)
+            if not self.checkpoint_path(checkpoint.version).exists():
+                self._copy(Path(bundled), self.checkpoint_path(checkpoint.version))
+                self._write_summary(checkpoint, "bundled")
+                if bundled_tsne is not None and Path(bundled_tsne).is_file():
+                    self._copy(Path(bundled_tsne), self.tsne_path(checkpoint.version))
+            if self.pointer_path.exists():
+                return False
+            self._write_pointer(Pointer(checkpoint.version, ()), checkpoint.version, "seed")
+            return True
+
+    def set_serving(self, version: str, action: str, forced: bool = False, reason: str | None = None) -> Pointer:
+        """Move the pointer (caller holds ``lock("promote")``); the checkpoint must load."""
+        self.load(version)
+        return self._write_pointer(self.read_pointer(), version, action, forced, reason)
+
+    @contextmanager
+    def lock(self, name: str, timeout: float = 30) -> Iterator[None]:
+        """Serialise promotions (``promote``) or training runs (``train``) across processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / f".{name}.lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise StoreError(f"another {name} is in progress on {self.root}; try again when it ends") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _write_pointer(self, old: Pointer, version: str, action: str, forced: bool = False,
+                       reason: str | None = None) -> Pointer:
+        entry = {"version": version, "at": now(), "action": action, "forced": forced, "reason": reason}
+        pointer = Pointer(version, (*old.history, entry))
+        with atomic_write(self.pointer_path) as handle:
+            handle.write(json.dumps({"serving": pointer.serving, "history": list(pointer.history)}, indent=1).encode())
+        return pointer
+
+    def _write_summary(self, checkpoint: Checkpoint, source: str) -> None:
+        summary = {**summary_of(checkpoint), "added_at": now(), "source": source}
+        with atomic_write(self.versions_dir / f"{checkpoint.version}.json") as handle:
+            handle.write(json.dumps(summary, indent=1).encode())
+
+    @staticmethod
+    def _copy(source: Path, target: Path) -> None:
+        with atomic_write(target) as handle, open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)

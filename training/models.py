@@ -1,0 +1,168 @@
+"""Admin commands for the model store: list, promote (behind a guard), rollback.
+
+    python -m training.models list [--json]
+    python -m training.models promote VERSION [--force --reason TEXT]
+    python -m training.models rollback
+
+The guard re-evaluates the candidate and the serving model through ``Predictor`` on
+the test split and refuses a candidate that screens worse than the limits below,
+ranks worse than what serves, flags too much of the test split as out of
+population, is a dry run, or was made with other preprocessing. Running servers
+pick up the new pointer within seconds (``app/serving.py``). Exit status: 0 done,
+1 refused by the guard, 2 could not be done (unknown version, broken file, no
+dataset, another promotion in progress).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from model import CheckpointError, Predictor, PreprocessParams
+from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir, model_store_dir
+from model.store import ModelStore, StoreError
+
+from .data import DatasetError, load_split
+from .evaluate import evaluate
+
+log = logging.getLogger("training")
+
+#: The guard's limits, on the test split, at the candidate's own threshold.
+MIN_SENSITIVITY = 0.98
+MAX_FALSE_POSITIVE_RATE = 0.35
+MIN_AUC = 0.96
+MAX_AUC_DROP = 0.005  # below the serving model's AUC
+MAX_OOD_FLAGGED = 0.05
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=model_store_dir(), help="the model store (PNEUMONIA_MODEL_STORE)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="every version, its figures, and which one serves")
+    listing.add_argument("--json", action="store_true", help="a JSON list of objects")
+    promote = commands.add_parser("promote", help="serve VERSION if it passes the guard")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="override the guard (needs --reason; recorded)")
+    promote.add_argument("--reason", default=None)
+    promote.add_argument("--data", type=Path, default=data_dir(), help="dataset folder with test/")
+    promote.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    promote.add_argument("--workers", type=int, default=2)
+    commands.add_parser("rollback", help="serve the previously served version again")
+    return parser
+
+
+def guard(candidate: dict, serving: dict, dry_run: bool) -> list[str]:
+    """Why ``candidate`` (test-split metrics) must not replace ``serving``; empty when it may."""
+    reasons = []
+    if dry_run:
+        reasons.append("it is a dry-run model (a few batches, for checking the pipeline)")
+    if candidate["sensitivity"] < MIN_SENSITIVITY:
+        reasons.append(f"sensitivity {candidate['sensitivity']:.3f} < {MIN_SENSITIVITY}")
+    if candidate["false_positive_rate"] > MAX_FALSE_POSITIVE_RATE:
+        reasons.append(f"false-positive rate {candidate['false_positive_rate']:.3f} > {MAX_FALSE_POSITIVE_RATE}")
+    if not candidate["auc"] >= MIN_AUC:  # NaN fails too
+        reasons.append(f"AUC {candidate['auc']:.4f} < {MIN_AUC}")
+    if candidate["auc"] < serving["auc"] - MAX_AUC_DROP:
+        reasons.append(f"AUC {candidate['auc']:.4f} is more than {MAX_AUC_DROP} below the serving model's {serving['auc']:.4f}")
+    flagged = candidate.get("ood_flagged")
+    if flagged is None or flagged > MAX_OOD_FLAGGED:
+        shown = "no gate" if flagged is None else f"{flagged:.1%}"
+        reasons.append(f"the population gate flags {shown} of the test split (at most {MAX_OOD_FLAGGED:.0%})")
+    return reasons
+
+
+def side_by_side(candidate: tuple[str, dict], serving: tuple[str, dict]) -> str:
+    rows = [("AUC", "auc", "{:.4f}"), ("sensitivity", "sensitivity", "{:.3f}"),
+            ("false-positive rate", "false_positive_rate", "{:.3f}"), ("threshold", "threshold", "{:.4f}"),
+            ("gate flags (test)", "ood_flagged", "{:.1%}")]
+    width = max(len(candidate[0]), len(serving[0]), 12)
+    lines = [f"{'test split':<22}{'candidate':>{width + 2}}{'serving':>{width + 2}}",
+             f"{'':<22}{candidate[0]:>{width + 2}}{serving[0]:>{width + 2}}"]
+    for label, key, fmt in rows:
+        values = [fmt.format(m[key]) if m.get(key) is not None else "-" for m in (candidate[1], serving[1])]
+        lines.append(f"{label:<22}{values[0]:>{width + 2}}{values[1]:>{width + 2}}")
+    return "\n".join(lines)
+
+
+def cmd_list(store: ModelStore, as_json: bool) -> int:
+    pointer = store.read_pointer()
+    promoted = {entry["version"]: entry["at"] for entry in pointer.history}  # the latest time each served
+    rows = [{**row, "serving": row["version"] == pointer.serving, "promoted_at": promoted.get(row["version"])}
+            for row in store.versions()]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'':2}{'version':<28}{'trained':<22}{'promoted':<22}{'AUC':>7}{'sens':>7}{'FPR':>7}{'gate':>7}  note")
+    for row in rows:
+        test = row.get("metrics", {}).get("test", {})
+        figures = "".join(f"{test[k]:>7.3f}" if k in test else f"{'-':>7}" for k in ("auc", "sensitivity", "false_positive_rate"))
+        gate = f"{test['ood_flagged']:>7.1%}" if "ood_flagged" in test else f"{'-':>7}"
+        note = "dry run" if row.get("dry_run") else row.get("problem", row.get("source", ""))
+        print(f"{'*' if row['serving'] else ' ':2}{row['version']:<28}{str(row.get('trained_at', '-'))[:19]:<22}"
+              f"{str(row['promoted_at'] or '-')[:19]:<22}{figures}{gate}  {note}")
+    print("* serving")
+    return 0
+
+
+def cmd_promote(store: ModelStore, args) -> int:
+    if args.force and not (args.reason or "").strip():
+        log.error("--force needs --reason TEXT: the override is recorded with it")
+        return 2
+    with store.lock("promote"):
+        serving_version = store.serving_version()
+        if args.version == serving_version:
+            print(f"{args.version} is already serving")
+            return 0
+        candidate = store.load(args.version)
+        serving = store.load(serving_version)
+        if candidate.preprocess != PreprocessParams():
+            print(f"refused: {args.version} was made with preprocessing {candidate.preprocess.to_dict()}, "
+                  f"which this code does not use; no server could load it (--force cannot override this)")
+            return 1
+        test = load_split(args.data, "test", candidate.preprocess, args.cache_dir, args.workers, progress=False)
+        candidate_metrics = evaluate(Predictor(candidate), test)
+        serving_metrics = evaluate(Predictor(serving), test)
+        print(side_by_side((args.version, candidate_metrics), (serving_version, serving_metrics)))
+        reasons = guard(candidate_metrics, serving_metrics, bool(candidate.training_data.get("dry_run")))
+        if reasons and not args.force:
+            print(f"refused: {'; '.join(reasons)}")
+            return 1
+        if reasons:
+            print(f"forced past the guard ({'; '.join(reasons)}): {args.reason}")
+        store.set_serving(args.version, "promote", forced=bool(reasons), reason=args.reason)
+    print(f"promoted {args.version} (was {serving_version}); running servers switch within seconds")
+    return 0
+
+
+def cmd_rollback(store: ModelStore) -> int:
+    with store.lock("promote"):
+        pointer = store.read_pointer()
+        if pointer.previous is None:
+            log.error("nothing to roll back to: %s is the only version ever served", pointer.serving)
+            return 2
+        store.set_serving(pointer.previous, "rollback")
+    print(f"rolled back to {pointer.previous} (was {pointer.serving}); running servers switch within seconds")
+    return 0
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    store = ModelStore(args.store)
+    try:
+        if store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT):
+            log.info("seeded the model store %s with the bundled model", store.root)
+        if args.command == "list":
+            return cmd_list(store, args.json)
+        if args.command == "promote":
+            return cmd_promote(store, args)
+        return cmd_rollback(store)
+    except (StoreError, CheckpointError, DatasetError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
