@@ -10,7 +10,7 @@ from model import Prediction
 from .errors import status_for
 from .render import saliency_png
 from .serving import get_predictor
-from .uploads import predict_each, read_batch_upload, read_single_upload
+from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -22,10 +22,11 @@ def wants_saliency() -> bool:
 def prediction_json(prediction: Prediction) -> dict:
     body = {
         "probability": round(prediction.probability, 6),
-        "label": prediction.label,
+        "label": prediction.label,  # null for a film outside the intended use: never a diagnosis
         "threshold": round(prediction.threshold, 6),
         "model_version": get_predictor().version,
         "in_distribution": prediction.in_distribution,
+        "population_reasons": [reason.to_dict() for reason in prediction.population_reasons],
         "ood_score": None if prediction.ood_score is None else round(prediction.ood_score, 4),
     }
     if prediction.saliency is not None:
@@ -35,8 +36,9 @@ def prediction_json(prediction: Prediction) -> dict:
 
 @bp.post("/predict")
 def predict():
-    """multipart/form-data with one file in ``image`` -> probability, decision, gate."""
-    prediction = get_predictor().predict(read_single_upload(request), saliency=wants_saliency())
+    """multipart/form-data with one file in ``image`` (and optionally ``age_years``) -> probability, decision, gate."""
+    prediction = get_predictor().predict(read_single_upload(request), saliency=wants_saliency(),
+                                         age_years=read_age(request))
     return jsonify(prediction_json(prediction))
 
 
@@ -45,11 +47,12 @@ def predict_batch():
     """Several files in ``images`` -> one result or one error per file, in upload order."""
     predictor = get_predictor()
     files = read_batch_upload(request, current_app.config["MAX_BATCH_FILES"])
+    age = read_age(request)
     results = [
         {"filename": row["name"], **prediction_json(row["prediction"])}
         if "prediction" in row
         else {"filename": row["name"], "error": str(row["error"]), "status": status_for(row["error"])}
-        for row in predict_each(predictor, files)
+        for row in predict_each(predictor, files, age)
     ]
     return jsonify(results=results, threshold=round(predictor.threshold, 6), model_version=predictor.version)
 

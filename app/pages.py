@@ -7,11 +7,13 @@ from model.store import StoreError
 
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
 from .serving import get_predictor
-from .uploads import predict_each, read_batch_upload, read_single_upload
+from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
 
 bp = Blueprint("pages", __name__)
 
 ACCEPTED_FORMATS = "JPEG, PNG (8- or 16-bit), DICOM (CR/DX), TIFF, BMP, WebP"
+GATE_GOALS = {"adult frontal, held-out patients": ">= 90%", "lateral, held-out patients": ">= 95%",
+              "test split": "<= 5%", "validation split": "<= 2%"}
 
 
 def upload_limits() -> dict:
@@ -32,7 +34,7 @@ def index():
 @bp.post("/predict")
 def predict():
     predictor = get_predictor()
-    prediction = predictor.predict(read_single_upload(request), saliency=True)
+    prediction = predictor.predict(read_single_upload(request), saliency=True, age_years=read_age(request))
     return render_template(
         "result.html",
         prediction=prediction,
@@ -48,10 +50,18 @@ def predict():
 @bp.post("/predict/batch")
 def predict_batch():
     predictor = get_predictor()
-    rows = predict_each(predictor, read_batch_upload(request, current_app.config["MAX_BATCH_FILES"]))
-    # Most suspicious first (the table re-sorts in the browser); refusals last.
-    rows.sort(key=lambda r: -r["prediction"].probability if "prediction" in r else 2.0)
+    files = read_batch_upload(request, current_app.config["MAX_BATCH_FILES"])
+    rows = predict_each(predictor, files, read_age(request))
+    rows.sort(key=batch_order)
     return render_template("batch.html", rows=rows, model=predictor.checkpoint)
+
+
+def batch_order(row: dict) -> float:
+    """Most suspicious first (the table re-sorts in the browser); then films outside the intended use; refusals last."""
+    prediction = row.get("prediction")
+    if prediction is None:
+        return 3.0
+    return -prediction.probability if prediction.in_distribution else 2.0
 
 
 @bp.get("/predict")
@@ -79,12 +89,13 @@ def store_history(version: str) -> dict | None:
 @bp.get("/model")
 def model_card():
     checkpoint = get_predictor().checkpoint
-    metrics = checkpoint.metrics
+    metrics = {split: m for split, m in checkpoint.metrics.items() if split in ("validation", "test")}
     return render_template(
         "model.html",
         model=checkpoint,
         metrics=metrics,
         history=store_history(checkpoint.version),
+        gate_goals=GATE_GOALS,
         roc_lines={name: roc_polyline(m.get("roc")) for name, m in metrics.items()},
         reliability={name: reliability_bars(m["calibration"]["bins"]) for name, m in metrics.items() if "calibration" in m},
     )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 from flask import Request
 from werkzeug.datastructures import FileStorage
@@ -60,12 +61,26 @@ def display_name(filename: str | None, position: int) -> str:
     return name or f"file {position}"
 
 
-def predict_each(predictor: Predictor, files: list[tuple[str, bytes]]) -> list[dict]:
+def read_age(request: Request, field: str = "age_years") -> float | None:
+    """The patient's age in years from the form or multipart field, if given (fractions allowed)."""
+    text = (request.form.get(field) or "").strip()
+    if not text:
+        return None
+    try:
+        years = float(text.replace(",", "."))
+    except ValueError:
+        raise UploadError(f"The age must be a number of years (for example 4 or 1.5), not {text[:20]!r}.") from None
+    if not math.isfinite(years) or years < 0 or years > 130:
+        raise UploadError(f"The age must be between 0 and 130 years, not {text[:20]}.")
+    return years
+
+
+def predict_each(predictor: Predictor, files: list[tuple[str, bytes]], age_years: float | None = None) -> list[dict]:
     """One row per file: ``{"name", "prediction"}`` or, for a refused file, ``{"name", "error"}``."""
     rows = []
     for name, data in files:
         try:
-            rows.append({"name": name, "prediction": predictor.predict(data)})
+            rows.append({"name": name, "prediction": predictor.predict(data, age_years=age_years)})
         except ImageError as error:
             rows.append({"name": name, "error": error})
     return rows

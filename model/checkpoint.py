@@ -6,6 +6,9 @@ mid-write leaves the previous file untouched.
 """
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,6 +19,7 @@ import torch
 from .atomic import atomic_write
 from .gate import OODGate
 from .network import Ensemble, NetworkConfig, PneumoniaNet
+from .population import IntendedUse, PopulationGate
 from .preprocess import PreprocessParams
 
 FORMAT_VERSION = 1
@@ -43,6 +47,9 @@ class Checkpoint:
     #: probability = sigmoid(logit / temperature + bias), fitted on validation data
     calibration: dict = field(default_factory=lambda: {"temperature": 1.0, "bias": 0.0})
     gate: OODGate | None = None
+    #: small networks that refuse adults' films and lateral views (``population.py``)
+    population_gate: PopulationGate | None = None
+    intended_use: IntendedUse = field(default_factory=IntendedUse)
 
     @cached_property
     def model(self) -> Ensemble:
@@ -69,7 +76,24 @@ class Checkpoint:
             "metrics": self.metrics,
             "calibration": {k: float(v) for k, v in self.calibration.items()},
             "gate": self.gate.to_dict() if self.gate is not None else None,
+            "population_gate": self.population_gate.to_dict() if self.population_gate is not None else None,
+            "intended_use": self.intended_use.to_dict(),
         }
+
+    def content_version(self, created: dt.datetime) -> str:
+        """Date plus a digest of everything that decides an answer: weights, calibration, gates, threshold."""
+        digest = hashlib.sha256()
+        states = list(self.state_dicts) + (self.population_gate.state_dicts if self.population_gate else [])
+        for state in states:
+            for tensor in state.values():
+                digest.update(tensor.detach().cpu().numpy().tobytes())
+        gate = self.gate
+        digest.update(json.dumps({
+            "calibration": self.calibration, "threshold": self.threshold,
+            "gate": [gate.feature_scale, gate.pixel_scale, gate.threshold] if gate else None,
+            "population": self.population_gate.threshold if self.population_gate else None,
+        }, sort_keys=True).encode())
+        return f"stn-cnn-{created:%Y%m%d}-{digest.hexdigest()[:8]}"
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
@@ -117,8 +141,10 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
             metrics=dict(raw.get("metrics", {})),
             calibration={k: float(v) for k, v in raw.get("calibration", {"temperature": 1.0, "bias": 0.0}).items()},
             gate=OODGate.from_dict(raw["gate"]) if raw.get("gate") is not None else None,
+            population_gate=PopulationGate.from_dict(raw["population_gate"]) if raw.get("population_gate") else None,
+            intended_use=IntendedUse.from_dict(raw["intended_use"]) if raw.get("intended_use") else IntendedUse(),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} is incompatible with this code: {exc}") from None
     if expected_preprocess is not None and preprocess != expected_preprocess:
         raise CheckpointError(

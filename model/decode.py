@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
 from .dicom import decode_dicom  # noqa: E402
 from .errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError  # noqa: E402
+from .film_facts import NO_FACTS, FilmFacts  # noqa: E402
 from .pixels import stretch  # noqa: E402
 
 
@@ -56,8 +58,18 @@ def is_dicom(data: bytes) -> bool:
     return data[128:132] == b"DICM"
 
 
+class Film(NamedTuple):
+    pixels: np.ndarray  # 2-D, any depth
+    facts: FilmFacts  # from a DICOM header; empty for other formats
+
+
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Decode encoded image bytes into a 2-D grayscale array, EXIF orientation applied.
+    """Decode encoded image bytes into a 2-D grayscale array, EXIF orientation applied."""
+    return decode_film(data, limits).pixels
+
+
+def decode_film(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Film:
+    """The pixels and, for DICOM, the film's facts (age, view, body part).
 
     The header is read first (Pillow parses it lazily), so a decompression bomb is
     refused before its pixels are allocated. 16-bit data stays 16-bit.
@@ -65,7 +77,11 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     if not data:
         raise InvalidImageError("The file is empty.")
     if is_dicom(data):
-        return decode_dicom(data, limits.check)
+        return Film(*decode_dicom(data, limits.check))
+    return Film(_decode_pixels(data, limits), NO_FACTS)
+
+
+def _decode_pixels(data: bytes, limits: DecodeLimits) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:

@@ -1,8 +1,10 @@
-"""DICOM radiographs: pixels only, display transforms applied, nothing from the header kept.
+"""DICOM radiographs: pixels with display transforms applied, and the film's facts.
 
-Only the technical attributes needed to decode are read (modality, frame count,
-photometric interpretation, LUTs); patient attributes are never read, returned or
-logged. Compressed transfer syntaxes decode where pydicom's own decoders or Pillow
+Besides the technical attributes needed to decode (modality, frame count,
+photometric interpretation, LUTs), only what the population check needs is read:
+the patient's age (PatientAge, or PatientBirthDate with the study's date), the view
+and the body part (``FilmFacts``). No name, identifier or other patient attribute is
+read, and none is returned or logged. Compressed transfer syntaxes decode where pydicom's own decoders or Pillow
 cover them (RLE Lossless, Deflated, JPEG Baseline).
 """
 from __future__ import annotations
@@ -16,13 +18,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from .errors import InvalidImageError
+from .film_facts import FilmFacts, age_from_dates, parse_dicom_age
 from .pixels import stretch
 
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG"}
 
 
-def decode_dicom(data: bytes, check_size: Callable[[int, int], None]) -> np.ndarray:
-    """DICOM bytes -> 2-D float32 in [0, 1], bright bone as in any radiograph."""
+def decode_dicom(data: bytes, check_size: Callable[[int, int], None]) -> tuple[np.ndarray, FilmFacts]:
+    """DICOM bytes -> (2-D float32 in [0, 1], bright bone as in any radiograph; the film's facts)."""
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError, AttributeError):
@@ -58,4 +61,24 @@ def decode_dicom(data: bytes, check_size: Callable[[int, int], None]) -> np.ndar
     pixels = stretch(pixels)
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         pixels = 1.0 - pixels  # MONOCHROME1 stores bone dark
-    return pixels
+    return pixels, film_facts(dataset)
+
+
+def _text(dataset, keyword: str) -> str | None:
+    """A tag's value as stripped text; None when missing, empty or unreadable (never raises)."""
+    try:
+        value = dataset.get(keyword)
+        text = str(value).strip() if value is not None else ""
+    except Exception:  # a malformed element may raise on access
+        return None
+    return text or None
+
+
+def film_facts(dataset) -> FilmFacts:
+    age = parse_dicom_age(_text(dataset, "PatientAge"))
+    if age is None:
+        age = age_from_dates(_text(dataset, "PatientBirthDate"), _text(dataset, "StudyDate"),
+                             _text(dataset, "AcquisitionDate"), _text(dataset, "ContentDate"))
+    view = _text(dataset, "ViewPosition")
+    body_part = _text(dataset, "BodyPartExamined")
+    return FilmFacts(age, view.upper() if view else None, body_part.upper() if body_part else None)

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 
 from .checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
-from .decode import DecodeLimits
+from .decode import DecodeLimits, decode_film
+from .errors import InvalidImageError
+from .film_facts import NO_FACTS
 from .network import Inference
 from .pixels import stretch
+from .population import IMAGE_MESSAGES, Reason, format_years, metadata_reasons
 from .preprocess import PreprocessParams, preprocess
 from .saliency import grad_cam
 
@@ -63,25 +66,28 @@ class BatchOutput:
     features: np.ndarray  # (N, C)
     ood_scores: np.ndarray | None  # (N,), > 1 is out of population; None without a gate
     theta: np.ndarray  # (N, 2, 3), the spatial transformer's affine transform
+    #: (N,) "" in population, else why not: "not_xray", "adult", "lateral" or "unlike" (see ``IMAGE_MESSAGES``)
+    outside: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class Prediction:
-    probability: float
-    label: str  # "PNEUMONIA" or "NORMAL"
+    probability: float  # for research only when the film is outside the intended use
+    label: str | None  # "PNEUMONIA" or "NORMAL"; None for a film outside the intended use
     threshold: float
     model_input: np.ndarray  # float32 (S, S) in [0, 1], what the network was given
     aligned: np.ndarray  # float32 (S, S) in [0, 1], after the spatial transformer
     ood_score: float | None = None
     saliency: np.ndarray | None = None  # float32 (S, S) in [0, 1], over ``aligned``
+    population_reasons: tuple[Reason, ...] = ()  # empty when the film is in the intended population
 
     @property
     def is_pneumonia(self) -> bool:
         return self.label == CLASS_NAMES[1]
 
     @property
-    def in_distribution(self) -> bool | None:
-        return None if self.ood_score is None else self.ood_score <= 1.0
+    def in_distribution(self) -> bool:
+        return not self.population_reasons
 
 
 class Predictor:
@@ -117,12 +123,22 @@ class Predictor:
         """Preprocessed (N, S, S) -> calibrated probabilities, aligned images, features, gate scores."""
         return self._finish(infer_batches(self.model, inputs, batch_size), inputs)
 
-    def predict(self, image: bytes | np.ndarray, saliency: bool = False) -> Prediction:
+    def predict(self, image: bytes | np.ndarray, saliency: bool = False, age_years: float | None = None) -> Prediction:
         """Raises ``model.ImageError`` (with a user-facing message) for unusable input.
 
-        With ``saliency`` the one forward pass runs with gradients, and the Grad-CAM
-        map comes from its activations.
+        ``age_years``: the patient's age as the person knows it. A film outside the
+        intended use (by its DICOM header, that age or its pixels) gets its reasons and
+        no label. With ``saliency`` the one forward pass runs with gradients, and the
+        Grad-CAM map comes from its activations.
         """
+        facts = NO_FACTS
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image, facts = decode_film(bytes(image), self.limits)
+        if age_years is not None and facts.age_years is not None and abs(age_years - facts.age_years) > 1:
+            raise InvalidImageError(
+                f"The age entered ({format_years(age_years)}) and the DICOM header's age "
+                f"({format_years(facts.age_years)}) differ by more than a year: check which is right."
+            )
         model_input = self.preprocess(image)
         heat = None
         if saliency:
@@ -134,22 +150,47 @@ class Predictor:
             raw = infer_batches(self.model, model_input[None])
         batch = self._finish(raw, model_input[None])
         probability = float(batch.probabilities[0])
+        reasons = metadata_reasons(facts, age_years, self.checkpoint.intended_use)
+        if batch.outside is not None and batch.outside[0]:
+            reasons.append(Reason("image", IMAGE_MESSAGES[batch.outside[0]]))
         return Prediction(
             probability=probability,
-            label=CLASS_NAMES[1] if probability >= self.threshold else CLASS_NAMES[0],
+            label=None if reasons else CLASS_NAMES[1] if probability >= self.threshold else CLASS_NAMES[0],
             threshold=self.threshold,
             model_input=model_input,
             aligned=batch.aligned[0],
             ood_score=None if batch.ood_scores is None else float(batch.ood_scores[0]),
             saliency=heat,
+            population_reasons=tuple(reasons),
         )
 
     def _finish(self, raw: NetworkOutput, inputs: np.ndarray) -> BatchOutput:
-        gate = self.checkpoint.gate
+        ood, outside = self._gates(raw.features, inputs)
         return BatchOutput(
             probabilities=calibrate(raw.logits, self.checkpoint.calibration),
             aligned=np.stack([stretch(a) for a in raw.aligned]) if len(raw.aligned) else raw.aligned,
             features=raw.features,
-            ood_scores=gate.scores(raw.features, inputs) if gate is not None else None,
+            ood_scores=ood,
             theta=raw.theta,
+            outside=outside,
         )
+
+    def _gates(self, features: np.ndarray, inputs: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One score (> 1 is outside) and one reason per image from both parts of the gate.
+
+        The feature/pixel gate speaks for photos, documents and other modalities; the
+        population networks for adults' films and lateral views. Where both refuse an
+        image, neither knows which it is (the networks have seen no photos, and adults'
+        films are far from the training films' features too): the reason says so.
+        """
+        gate, population = self.checkpoint.gate, self.checkpoint.population_gate
+        if gate is None and population is None:
+            return None, None
+        scores = gate.scores(features, inputs) if gate is not None else np.zeros(len(inputs))
+        outside = np.where(scores > 1, "not_xray", "").astype(object)
+        if population is not None:
+            population_scores, kinds = population.assess(inputs)
+            refused = population_scores > 1
+            outside = np.where(refused, np.where(outside == "", kinds, "unlike"), outside)
+            scores = np.maximum(scores, population_scores)
+        return scores, outside

@@ -41,3 +41,12 @@ def data_dir() -> Path:
 def model_store_dir() -> Path:
     """The model store folder: ``PNEUMONIA_MODEL_STORE``, read by the app and every admin command."""
     return Path(os.environ.get("PNEUMONIA_MODEL_STORE", DEFAULT_MODEL_STORE)).expanduser()
+
+
+def adult_data_dir() -> Path:
+    """Adult frontal and lateral films (``manifest.csv``) that the population gate learns to refuse.
+
+    ``ADULT_CXR_DATA``; defaults to the shared copy beside the checkout.
+    """
+    default = REPO_ROOT.parent / "shared" / "data" / "adult_cxr"
+    return Path(os.environ.get("ADULT_CXR_DATA", default)).expanduser()

@@ -36,7 +36,8 @@ class StoreError(RuntimeError):
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    """UTC, to the millisecond: two versions added in one second still list in order."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def summary_of(checkpoint: Checkpoint) -> dict:

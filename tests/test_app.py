@@ -34,8 +34,8 @@ def test_upload_page_shows_formats_limit_and_a_form_that_works_without_javascrip
     assert CSRF.search(html)
 
 
-def test_result_page_shows_probability_decision_threshold_images_and_disclaimer(client, app, uploads):
-    response = uploads.form(XRAY)
+def test_result_page_shows_probability_decision_threshold_images_and_disclaimer(app, uploads, pediatric_film):
+    response = uploads.form(pediatric_film)
     html = response.get_data(as_text=True)
     assert response.status_code == 200
     probability = float(re.search(r'id="probability">([\d.]+)%', html).group(1))
@@ -104,11 +104,13 @@ def test_unknown_page_is_a_clean_404(client):
 # ---- API ---------------------------------------------------------------------------
 
 
-def test_api_predict_answers_the_documented_fields(client, app, uploads):
-    response = uploads.api(XRAY)
+def test_api_predict_answers_the_documented_fields(app, uploads, pediatric_film):
+    response = uploads.api(pediatric_film)
     body = response.get_json()
     assert response.status_code == 200
-    assert set(body) == {"probability", "label", "threshold", "model_version", "in_distribution", "ood_score"}
+    assert set(body) == {"probability", "label", "threshold", "model_version", "in_distribution", "ood_score",
+                         "population_reasons"}
+    assert body["in_distribution"] is True and body["population_reasons"] == []
     assert 0 <= body["probability"] <= 1
     assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")
     assert body["model_version"] == app.extensions["model"].predictor.version

@@ -123,14 +123,18 @@ def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_da
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.support.dicom_files import make_dicom, twelve_bit
-    from tests.support.images import synthetic_xray
+    import cv2
 
+    from tests.support.dicom_files import make_dicom, twelve_bit
+
+    films = [sorted((real_data / "test" / label).iterdir())[0] for label in ("NORMAL", "PNEUMONIA")]
     dicom = tmp_path / "study.dcm"
-    dicom.write_bytes(make_dicom(twelve_bit(synthetic_xray(400, 320))))
+    pixels = cv2.imread(str(films[0]), cv2.IMREAD_GRAYSCALE)
+    dicom.write_bytes(make_dicom(twelve_bit(pixels), tags={"PatientAge": "004Y"}))
+    adult = tmp_path / "adult.dcm"
+    adult.write_bytes(make_dicom(twelve_bit(pixels), tags={"PatientAge": "045Y"}))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
-    films = [sorted((real_data / "test" / label).iterdir())[0] for label in ("NORMAL", "PNEUMONIA")]
 
     browser.get(live_server + "/")
     browser.find_element(By.ID, "images").send_keys("\n".join(str(p) for p in [*films, broken, dicom]))
@@ -152,3 +156,9 @@ def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_da
     probability = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.ID, "probability"))).text
     assert probability.endswith("%")
     assert "Doe" not in browser.find_element(By.TAG_NAME, "main").text
+
+    browser.get(live_server + "/")  # the same film, but the header says 45 years: reasons, no decision
+    browser.find_element(By.ID, "image").send_keys(str(adult))
+    browser.find_element(By.ID, "submit").click()
+    reasons = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.ID, "population-reasons"))).text
+    assert "45 years" in reasons and browser.find_elements(By.ID, "decision") == []

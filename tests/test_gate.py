@@ -36,9 +36,12 @@ def test_gate_passes_the_test_split(predictor, real_data):
     assert flagged == pytest.approx(predictor.checkpoint.metrics["test"]["ood_flagged"], abs=1e-9)
 
 
-def test_result_page_and_api_say_so_plainly(uploads):
+def test_a_photo_gets_a_reason_and_no_label_in_the_api_and_no_decision_on_the_page(uploads):
     photo = encode(np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8), ".png")
     body = uploads.api(photo).get_json()
-    assert body["in_distribution"] is False and body["ood_score"] > 1
+    assert body["in_distribution"] is False and body["ood_score"] > 1 and body["label"] is None
+    assert [r["check"] for r in body["population_reasons"]] == ["image"]
+    assert "not an X-ray" in body["population_reasons"][0]["message"]
     html = uploads.form(photo).get_data(as_text=True)
-    assert 'id="ood-warning"' in html and "not reliable" in html
+    assert 'id="ood-warning"' in html and "not an X-ray" in html
+    assert 'id="decision"' not in html and "PNEUMONIA suspected" not in html and 'id="research-probability"' in html

@@ -12,9 +12,9 @@ from model import load_checkpoint
 from model.atomic import atomic_write
 from model.settings import DEFAULT_CHECKPOINT, REPO_ROOT
 from model.store import ModelStore, StoreError
-from training import models, train
 from tests.support.client import Uploads
 from tests.support.images import encode, synthetic_xray
+from training import models, train
 
 XRAY = encode(synthetic_xray(400, 320), ".png")
 BUNDLED = load_checkpoint(DEFAULT_CHECKPOINT).version
@@ -51,7 +51,9 @@ def candidate_store(tmp_path_factory):
             ["--data", str(data), "--store", str(store), "--epochs", "1", "--dry-run", "--workers", "1",
              "--cache-dir", str(root / "cache"), "--seed", seed]))
         assert code == 0
-        added.append(ModelStore(store).versions()[-1]["version"])
+        known = {BUNDLED, *added}
+        (new,) = [row["version"] for row in ModelStore(store).versions() if row["version"] not in known]
+        added.append(new)
     assert BUNDLED not in added and len(set(added)) == 2
     return store, data, added[0], added[1]
 
@@ -240,3 +242,25 @@ def test_analysis_page_says_when_the_serving_model_has_no_map_of_its_own(store_c
     wait_for_version(client, candidate)
     html = client.get("/analysis").get_data(as_text=True)
     assert 'id="stale"' in html and BUNDLED in html and candidate in html and "python -m training.tsne" in html
+
+
+GOOD = {"auc": 0.98, "sensitivity": 0.99, "false_positive_rate": 0.25, "ood_flagged": 0.03}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({}, None),
+    ({"sensitivity": 0.97}, "sensitivity"),
+    ({"false_positive_rate": 0.36}, "false-positive rate"),
+    ({"auc": 0.955}, "AUC 0.9550 < 0.96"),
+    ({"auc": 0.974}, "below the serving model's"),
+    ({"ood_flagged": 0.06}, "population gate flags 6.0%"),
+    ({"auc": float("nan")}, "AUC nan"),
+])
+def test_the_guard_s_rules(change, words):
+    reasons = models.guard({**GOOD, **change}, {**GOOD, "auc": 0.98}, dry_run=False)
+    assert reasons == [] if words is None else len(reasons) >= 1 and words in "; ".join(reasons)
+
+
+def test_the_guard_refuses_dry_runs_and_models_without_a_population_gate():
+    assert "dry-run" in models.guard(GOOD, GOOD, dry_run=True)[0]
+    assert "no population gate" in models.guard(GOOD, GOOD, dry_run=False, population_gate=False)[0]

@@ -23,11 +23,14 @@ def test_dry_run_on_a_generated_folder_writes_a_loadable_checkpoint(tiny_dataset
     assert code == 0
     checkpoint = load_checkpoint(out, expected_preprocess=PreprocessParams())
     assert checkpoint.training_data["dry_run"] is True
-    assert set(checkpoint.metrics) == {"validation", "test"}
+    assert set(checkpoint.metrics) == {"validation", "test", "population_gate"}
+    assert checkpoint.population_gate is not None and len(checkpoint.population_gate.members) == 2
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     assert metrics["version"] == checkpoint.version
     assert "sens" in capsys.readouterr().out
-    assert Predictor.from_path(out).predict(np.random.default_rng(0).random((100, 90))).label in ("NORMAL", "PNEUMONIA")
+    prediction = Predictor.from_path(out).predict(np.random.default_rng(0).random((100, 90)))
+    assert 0 <= prediction.probability <= 1
+    assert prediction.label is None if prediction.population_reasons else prediction.label in ("NORMAL", "PNEUMONIA")
 
 
 def test_evaluate_prints_the_table(tiny_dataset, tmp_path, capsys):

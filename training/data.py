@@ -6,6 +6,7 @@ by the preprocessing parameters and the exact file list.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -115,9 +116,22 @@ def load_split(
     if limit is not None:
         per_class = max(1, limit // 2)
         items = [it for label in (0, 1) for it in [i for i in items if i[1] == label][:per_class]]
+    return load_items(root, items, params, None if limit is not None else cache_dir, workers, split, progress)
+
+
+def load_items(
+    root: Path,
+    items: list[tuple[str, int]],
+    params: PreprocessParams,
+    cache_dir: str | os.PathLike | None,
+    workers: int,
+    name: str,
+    progress: bool = True,
+) -> Split:
+    """Preprocess (relative path, label) items of a folder, through the cache."""
     cache_path = None
-    if cache_dir is not None and limit is None:
-        cache_path = Path(cache_dir) / f"{split}-{_cache_key(root, items, params)}.npz"
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{name}-{_cache_key(root, items, params)}.npz"
         if cache_path.is_file():
             try:
                 with np.load(cache_path) as data:
@@ -125,7 +139,7 @@ def load_split(
             except (OSError, ValueError, KeyError):
                 log.warning("ignoring unreadable cache file %s", cache_path)
     paths = [str(root / rel) for rel, _ in items]
-    results = _preprocess_files(paths, params, workers, desc=f"preprocess {split}" if progress else None)
+    results = _preprocess_files(paths, params, workers, desc=f"preprocess {name}" if progress else None)
     images, labels, files = [], [], []
     for (rel, label), result in zip(items, results):
         if isinstance(result, str):
@@ -135,7 +149,7 @@ def load_split(
         labels.append(label)
         files.append(rel)
     if not images:
-        raise DatasetError(f"no readable images in {root / split}")
+        raise DatasetError(f"no readable images in {root / name}")
     split_data = Split(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), files)
     if cache_path is not None:
         _write_cache(cache_path, split_data)
@@ -181,3 +195,43 @@ def _preprocess_files(paths: list[str], params: PreprocessParams, workers: int, 
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, mp_context=context) as pool:
         return list(tqdm(pool.map(_preprocess_one, jobs, chunksize=32), **bar))
+
+
+# ---- adult films, for the population gate ---------------------------------------------
+
+ADULT_KINDS = {"adult": 1, "lateral": 2}  # indices into model.population.KINDS
+
+
+@dataclass
+class AdultFilms:
+    """Adult frontal films and lateral views (``adult_cxr/manifest.csv``), preprocessed."""
+
+    films: Split  # labels: 1 adult frontal, 2 lateral view
+    patients: np.ndarray  # (N,) str; one patient's films share it
+
+    def held_out(self, fraction: float = 0.4, seed: int = 0) -> np.ndarray:
+        """Mask of the films of a fixed ``fraction`` of patients, never used for fitting."""
+        patients = np.unique(self.patients)
+        np.random.default_rng(seed).shuffle(patients)
+        chosen = set(patients[: int(round(fraction * len(patients)))])
+        return np.array([p in chosen for p in self.patients])
+
+
+def load_adult_films(root: str | os.PathLike, params: PreprocessParams, cache_dir, workers: int = 2,
+                     limit: int | None = None, progress: bool = True) -> AdultFilms:
+    """Every film the manifest lists (view ``L`` is a lateral view; any other, an adult frontal film)."""
+    root = Path(root)
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise DatasetError(f"no adult films at {root} (expected manifest.csv with file, patient, view columns)")
+    with open(manifest, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if (root / r["file"]).is_file()]
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise DatasetError(f"{manifest} lists no film that exists")
+    kind = {r["file"]: ADULT_KINDS["lateral" if r["view"].strip().upper() in ("L", "LL", "RL", "LATERAL") else "adult"]
+            for r in rows}
+    patient = {r["file"]: r["patient"] for r in rows}
+    films = load_items(root, sorted(kind.items()), params, None if limit else cache_dir, workers, "adult", progress)
+    return AdultFilms(films, np.array([patient[f] for f in films.files]))

@@ -54,11 +54,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def guard(candidate: dict, serving: dict, dry_run: bool) -> list[str]:
+def guard(candidate: dict, serving: dict, dry_run: bool, population_gate: bool = True) -> list[str]:
     """Why ``candidate`` (test-split metrics) must not replace ``serving``; empty when it may."""
     reasons = []
     if dry_run:
         reasons.append("it is a dry-run model (a few batches, for checking the pipeline)")
+    if not population_gate:
+        reasons.append("it has no population gate: adults' films and lateral views would get a diagnosis")
     if candidate["sensitivity"] < MIN_SENSITIVITY:
         reasons.append(f"sensitivity {candidate['sensitivity']:.3f} < {MIN_SENSITIVITY}")
     if candidate["false_positive_rate"] > MAX_FALSE_POSITIVE_RATE:
@@ -95,7 +97,7 @@ def cmd_list(store: ModelStore, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'':2}{'version':<28}{'trained':<22}{'promoted':<22}{'AUC':>7}{'sens':>7}{'FPR':>7}{'gate':>7}  note")
+    print(f"{'':2}{'version':<28}{'trained':<22}{'promoted (UTC)':<22}{'AUC':>7}{'sens':>7}{'FPR':>7}{'gate':>7}  note")
     for row in rows:
         test = row.get("metrics", {}).get("test", {})
         figures = "".join(f"{test[k]:>7.3f}" if k in test else f"{'-':>7}" for k in ("auc", "sensitivity", "false_positive_rate"))
@@ -126,7 +128,8 @@ def cmd_promote(store: ModelStore, args) -> int:
         candidate_metrics = evaluate(Predictor(candidate), test)
         serving_metrics = evaluate(Predictor(serving), test)
         print(side_by_side((args.version, candidate_metrics), (serving_version, serving_metrics)))
-        reasons = guard(candidate_metrics, serving_metrics, bool(candidate.training_data.get("dry_run")))
+        reasons = guard(candidate_metrics, serving_metrics, bool(candidate.training_data.get("dry_run")),
+                        candidate.population_gate is not None)
         if reasons and not args.force:
             print(f"refused: {'; '.join(reasons)}")
             return 1

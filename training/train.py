@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch.nn import functional as F
@@ -38,15 +38,23 @@ from model import (
     save_checkpoint,
 )
 from model.atomic import atomic_write
-from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir, model_store_dir
+from model.settings import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CHECKPOINT,
+    DEFAULT_TSNE_ARTIFACT,
+    adult_data_dir,
+    data_dir,
+    model_store_dir,
+)
 from model.store import ModelStore, StoreError
 
 from .augment import augment
 from .calibrate import fit_temperature
-from .data import DatasetError, Split, load_split, validation_split
+from .data import AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
 from .evaluate import evaluate
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
 from .ood import fit_gate
+from .population import HELD_OUT_FRACTION, fit_population_gate, format_gate_table, gate_sets, population_figures
 
 log = logging.getLogger("training")
 
@@ -71,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
     parser.add_argument("--geometry", choices=("squash", "center_crop"), default=PreprocessParams().geometry)
     parser.add_argument("--equalize", choices=("none", "hist", "clahe"), default=PreprocessParams().equalize)
+    parser.add_argument("--adult-data", type=Path, default=adult_data_dir(),
+                        help="adult frontal and lateral films that the population gate learns to refuse")
+    parser.add_argument("--population-epochs", type=int, default=15)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
@@ -142,17 +153,6 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     return model.cpu().eval(), {"seed": seed, "best_epoch": best_epoch, "best_val_auc": best_auc, "history": history}
 
 
-def version_string(created: dt.datetime, state_dicts, calibration: dict, gate, threshold: float) -> str:
-    """Date plus a digest of everything that decides an answer: weights, calibration, gate, threshold."""
-    digest = hashlib.sha256()
-    for state in state_dicts:
-        for tensor in state.values():
-            digest.update(tensor.detach().cpu().numpy().tobytes())
-    digest.update(json.dumps({"calibration": calibration, "threshold": threshold,
-                              "gate": [gate.feature_scale, gate.pixel_scale, gate.threshold]}, sort_keys=True).encode())
-    return f"stn-cnn-{created:%Y%m%d}-{digest.hexdigest()[:8]}"
-
-
 def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensitivity: float):
     """Calibration and threshold from validation; the out-of-population gate from train (+ validation quantiles)."""
     train_features = infer_batches(model, train.images).features
@@ -161,6 +161,24 @@ def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensit
     gate = fit_gate(train_features, train.labels, train.images, val_features, val.images)
     threshold = threshold_for_sensitivity(val.labels, calibrate(val_logits, calibration), target_sensitivity)
     return calibration, gate, threshold
+
+
+def fit_population(args, checkpoint: Checkpoint, train: Split, val: Split, params) -> AdultFilms | None:
+    """Attach the population gate, fitted on adult films of 60% of their patients; None without them."""
+    try:
+        adult = load_adult_films(args.adult_data, params, args.cache_dir, args.workers,
+                                 limit=24 if args.dry_run else None)
+    except DatasetError as exc:
+        log.warning("%s: this model gets no population gate, and the promotion guard will refuse it", exc)
+        return None
+    fit = ~adult.held_out(HELD_OUT_FRACTION)
+    checkpoint.population_gate = fit_population_gate(
+        train.images, val.images, adult.films.images[fit], adult.films.labels[fit],
+        epochs=1 if args.dry_run else args.population_epochs, max_batches=DRY_RUN_BATCHES if args.dry_run else None)
+    checkpoint.training_data["population_gate"] = {
+        "adult_films": str(Path(args.adult_data).resolve().name),
+        "fitted_on_patients": int(len(np.unique(adult.patients[fit]))), "held_out_fraction": HELD_OUT_FRACTION}
+    return adult
 
 
 def main(args) -> int:
@@ -227,7 +245,7 @@ def _run(args, device, store: ModelStore | None) -> int:
             f"lowest score among the top {args.target_sensitivity:.0%} of validation pneumonia cases "
             f"(target sensitivity {args.target_sensitivity}, chosen on validation, never on test)"
         ),
-        version=version_string(created, state_dicts, calibration, gate, threshold),
+        version="",
         created_at=created.isoformat(timespec="seconds"),
         training_data={
             "dataset": str(Path(args.data).resolve().name),
@@ -235,6 +253,7 @@ def _run(args, device, store: ModelStore | None) -> int:
             "validation": val.summary(),
             "test": test.summary(),
             "validation_rule": f"{args.val_fraction:.0%} of train/ patients, stratified, grouped by patient",
+            "validation_split": {"fraction": args.val_fraction, "seed": args.seed},
             "epochs": args.epochs,
             "members": member_logs,
             "seed": args.seed,
@@ -243,9 +262,14 @@ def _run(args, device, store: ModelStore | None) -> int:
         calibration=calibration,
         gate=gate,
     )
+    adult = fit_population(args, checkpoint, train, val, params)
+    checkpoint.version = checkpoint.content_version(created)
     predictor = Predictor(checkpoint)
     results = {"validation": evaluate(predictor, val), "test": evaluate(predictor, test)}
-    checkpoint.metrics = results
+    checkpoint.metrics = dict(results)
+    if adult is not None:
+        held_out = adult.held_out(HELD_OUT_FRACTION)
+        checkpoint.metrics["population_gate"] = population_figures(predictor, gate_sets(val, test, adult, held_out))
     if store is None:
         save_checkpoint(checkpoint, args.out)
         metrics_path = args.out.with_suffix(".metrics.json")
@@ -261,6 +285,8 @@ def _run(args, device, store: ModelStore | None) -> int:
           f"ECE validation {results['validation']['calibration']['ece']:.4f}, test {results['test']['calibration']['ece']:.4f}; "
           f"out-of-population flagged: validation {results['validation']['ood_flagged']:.1%}, "
           f"test {results['test']['ood_flagged']:.1%}")
+    if "population_gate" in checkpoint.metrics:
+        print(format_gate_table(checkpoint.metrics["population_gate"]))
     print(f"wrote {written} in {time.perf_counter() - started:.0f} s")
     print(f"version {checkpoint.version}")
     if store is not None:

@@ -12,7 +12,8 @@ PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "MRN-0042-SECRET"
 
 def make_dicom(pixels: np.ndarray, modality="DX", photometric="MONOCHROME2", bits_stored=12, window=None,
-               frames: int = 1, pixel_data: bool = True, compress: bool = False) -> bytes:
+               frames: int = 1, pixel_data: bool = True, compress: bool = False, tags: dict | None = None) -> bytes:
+    """``tags``: more attributes by keyword (``PatientAge="003Y"``, ``ViewPosition="LL"``...)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -23,6 +24,8 @@ def make_dicom(pixels: np.ndarray, modality="DX", photometric="MONOCHROME2", bit
     ds.PatientName = PATIENT_NAME
     ds.PatientID = PATIENT_ID
     ds.Modality = modality
+    for keyword, value in (tags or {}).items():
+        setattr(ds, keyword, value)
     if pixel_data:
         pixels = np.asarray(pixels)
         ds.Rows, ds.Columns = pixels.shape[-2:]

@@ -39,3 +39,20 @@ def make_dataset(root: Path, per_class: int = 12, size: int = 96) -> Path:
                 prefix = f"person{i}_bacteria_{i}" if label else f"IM-{i:04d}-0001"
                 cv2.imwrite(str(folder / f"{prefix}.jpeg"), image)
     return root
+
+
+def make_adult_films(root: Path, patients: int = 6) -> Path:
+    """A tiny ``adult_cxr`` folder: 'adult' films (a long narrow chest) and 'lateral' ones, with a manifest."""
+    rows = ["file,patient,age,sex,view,finding,license,source_url"]
+    for patient in range(patients):
+        for view in ("PA", "L"):
+            folder = root / ("lateral" if view == "L" else "frontal")
+            folder.mkdir(parents=True, exist_ok=True)
+            image = synthetic_xray(200, 120 if view == "L" else 220, seed=500 + patient)
+            if view == "L":
+                image = cv2.GaussianBlur(image, (0, 0), 5)
+            name = f"{folder.name}/p{patient}-{view}.jpeg"
+            cv2.imwrite(str(root / name), image)
+            rows.append(f"{name},{patient},{40 + patient},F,{view},generated,none,none")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 from model.settings import REPO_ROOT as ROOT
 

@@ -1,0 +1,73 @@
+"""The population gate's figures: what share of each set the bundled model refuses.
+
+    python -m bench.gate [--checkpoint FILE]
+
+Adult frontal films and lateral views of the patients held out from fitting (the
+same patient split as training), the 33 non-X-ray images of the tests, the original-
+size test split and the validation split, each against its goal. Also the cost of the
+whole gate per film (in-process, one thread).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import Predictor
+from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
+from tests.support.non_xray import non_xray_images
+from training.data import load_adult_films, load_split, validation_split
+from training.population import HELD_OUT_FRACTION
+
+GOALS = {"adult frontal, held-out patients": (">=", 0.90), "lateral, held-out patients": (">=", 0.95),
+         "non-X-ray images": (">=", 1.0), "test split": ("<=", 0.05), "validation split": ("<=", 0.02)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--data", type=Path, default=data_dir())
+    parser.add_argument("--adult-data", type=Path, default=adult_data_dir())
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    predictor = Predictor.from_path(args.checkpoint)
+    params, split = predictor.checkpoint.preprocess, predictor.checkpoint.training_data.get("validation_split", {})
+    full = load_split(args.data, "train", params, DEFAULT_CACHE_DIR, progress=False)
+    _, val_index = validation_split(full.files, full.labels, split.get("fraction", 0.15), split.get("seed", 0))
+    test = load_split(args.data, "test", params, DEFAULT_CACHE_DIR, progress=False)
+    adult = load_adult_films(args.adult_data, params, DEFAULT_CACHE_DIR, progress=False)
+    held_out = adult.held_out(HELD_OUT_FRACTION)
+    sets = {
+        "adult frontal, held-out patients": adult.films.images[held_out & (adult.films.labels == 1)],
+        "lateral, held-out patients": adult.films.images[held_out & (adult.films.labels == 2)],
+        "non-X-ray images": np.stack([predictor.preprocess(image) for _, image in non_xray_images()]),
+        "test split": test.images,
+        "validation split": full.images[val_index],
+    }
+    print(f"model {predictor.version}")
+    print(f"{'set':<36}{'images':>8}{'refused':>10}   goal")
+    for name, images in sets.items():
+        share = float(np.mean(predictor.predict_many(images).ood_scores > 1))
+        sign, goal = GOALS[name]
+        met = share >= goal if sign == ">=" else share <= goal
+        print(f"{name:<36}{len(images):>8}{share:>10.1%}   {sign} {goal:.0%} {'met' if met else 'MISSED'}")
+    gate, population = predictor.checkpoint.gate, predictor.checkpoint.population_gate
+    one = test.images[:1]
+    features = predictor.predict_many(one).features
+    timings = {"feature/pixel gate": lambda: gate.scores(features, one),
+               "population networks": lambda: population.assess(one)}
+    for name, run in timings.items():
+        run()
+        started = time.perf_counter()
+        for _ in range(200):
+            run()
+        print(f"{name}: {(time.perf_counter() - started) / 200 * 1000:.2f} ms a film (1 thread)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Who the model is for, and the checks that refuse a film outside it.
+
+The network learned pneumonia on frontal chest films of young children (one hospital,
+ages about 1 to 5). An adult's film, a lateral view or another body part gets a plain
+refusal with its reason, never a diagnosis. Three layers, any of which can say
+"outside":
+
+- the DICOM header, where there is one (age, view, body part: ``FilmFacts``);
+- what the person knows (an age in years typed on the form or sent to the API);
+- the pixels: ``PopulationGate``, small networks that tell a pediatric frontal film
+  from an adult's film and from a lateral view (JPEG and PNG carry no metadata),
+  beside the older gate for photos, documents and other modalities (``gate.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .film_facts import FilmFacts
+
+#: The classes the population networks tell apart; only the first is in population.
+KINDS = ("pediatric_frontal", "adult", "lateral")
+
+
+@dataclass(frozen=True)
+class IntendedUse:
+    """Recorded in every checkpoint; shown on the upload page, every result and the model card."""
+
+    min_age_years: float = 0.0
+    max_age_years: float = 6.0  # younger than this
+    views: tuple[str, ...] = ("PA", "AP")
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX")
+
+    def describe(self) -> str:
+        return (f"frontal ({' or '.join(self.views)}) chest X-rays of children younger than "
+                f"{self.max_age_years:g} years")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {**data, "views": list(self.views), "body_parts": list(self.body_parts)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IntendedUse":
+        return cls(float(data["min_age_years"]), float(data["max_age_years"]), tuple(data["views"]),
+                   tuple(data["body_parts"]))
+
+
+class Reason(NamedTuple):
+    check: str  # "age" | "view" | "body_part" | "image"
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "message": self.message}
+
+
+def metadata_reasons(facts: FilmFacts, age_field: float | None, use: IntendedUse) -> list[Reason]:
+    """The header's and the person's say. A field that is missing says nothing."""
+    reasons = []
+    age, source = (age_field, "as entered") if age_field is not None else (facts.age_years, "from the DICOM header")
+    if age is not None and not use.min_age_years <= age < use.max_age_years:
+        reasons.append(Reason("age", f"The patient's age, {format_years(age)} ({source}), is outside the intended "
+                                     f"use: children younger than {use.max_age_years:g} years."))
+    if facts.view and facts.view.upper() not in use.views:
+        reasons.append(Reason("view", f"The DICOM header gives the view as {facts.view}, not a frontal view; this "
+                                      f"model reads frontal ({' or '.join(use.views)}) chest films only."))
+    if facts.body_part and facts.body_part.upper() not in use.body_parts:
+        reasons.append(Reason("body_part", f"The DICOM header gives the body part as {facts.body_part}; this model "
+                                           "reads chest films only."))
+    return reasons
+
+
+def format_years(years: float) -> str:
+    if years < 2:
+        return f"{years * 12:.0f} months"
+    return f"{years:.0f} years" if abs(years - round(years)) < 0.05 else f"{years:.1f} years"
+
+
+IMAGE_MESSAGES = {
+    "not_xray": "The image does not look like a chest X-ray: it may be a photo, a document, another modality or "
+                "another body part.",
+    "adult": "The film looks like an adult's chest X-ray; this model was trained on young children and its "
+             "answer would not be valid.",
+    "lateral": "The film looks like a lateral view; this model reads frontal (PA or AP) chest films only.",
+    # both parts of the gate refuse it: they cannot say which of these it is
+    "unlike": "The film does not look like a young child's frontal chest X-ray: it may be an adult's film, a "
+              "lateral view, another body part, or not an X-ray at all.",
+}
+
+
+# ---- the pixels: small networks that know children's frontal films -------------------------
+
+
+class PopulationNet(nn.Module):
+    """64x64 input (the model input) -> logits over ``KINDS``. Small: it runs on every upload."""
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96), dropout: float = 0.2):
+        super().__init__()
+        layers, cin = [], 1
+        for cout in channels:
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            cin = cout
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, len(KINDS)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return self.head(self.body((x - mean) / (std + 1e-5)))
+
+
+@dataclass
+class PopulationGate:
+    """An ensemble of ``PopulationNet``; score = 1 - P(pediatric frontal), averaged over members.
+
+    ``threshold`` is a high quantile of the validation split's scores (children's films),
+    so a film scoring above it is refused; the likelier of adult and lateral names why.
+    """
+
+    channels: tuple[int, ...]
+    state_dicts: list[dict]
+    threshold: float
+    rule: str = ""
+    members: list[PopulationNet] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if not self.members:
+            for state in self.state_dicts:
+                net = PopulationNet(self.channels)
+                net.load_state_dict(state)
+                self.members.append(net.eval())
+
+    @torch.inference_mode()
+    def probabilities(self, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """(N, S, S) model inputs -> (N, len(KINDS)) mean class probabilities."""
+        parts = []
+        for start in range(0, len(inputs), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)).unsqueeze(1)
+            parts.append(torch.stack([F.softmax(m.eval()(x), dim=1) for m in self.members]).mean(dim=0).numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, len(KINDS)), np.float32)
+
+    def assess(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores / threshold, kind) per input: above 1 is outside, and kind says which way."""
+        probabilities = self.probabilities(inputs)
+        scores = 1.0 - probabilities[:, 0]
+        kinds = np.array(KINDS)[1 + np.argmax(probabilities[:, 1:], axis=1)]
+        return scores / self.threshold, kinds
+
+    def to_dict(self) -> dict:
+        return {"channels": list(self.channels), "threshold": float(self.threshold), "rule": self.rule,
+                "state_dicts": [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in self.state_dicts]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PopulationGate":
+        gate = cls(tuple(data["channels"]), list(data["state_dicts"]), float(data["threshold"]), str(data.get("rule", "")))
+        if not 0 < gate.threshold < 1 or not gate.state_dicts:
+            raise ValueError("population gate threshold must lie in (0, 1) and it needs weights")
+        return gate
