@@ -59,7 +59,8 @@ class Checkpoint:
             net = PneumoniaNet(self.network)
             net.load_state_dict(state)
             members.append(net)
-        return Ensemble(members).eval()
+        # channels-last: oneDNN's convolutions run about a quarter faster on the CPU
+        return Ensemble(members).eval().to(memory_format=torch.channels_last)
 
     def to_dict(self) -> dict:
         return {
@@ -89,7 +90,7 @@ class Checkpoint:
                 digest.update(tensor.detach().cpu().numpy().tobytes())
         gate = self.gate
         digest.update(json.dumps({
-            "calibration": self.calibration, "threshold": self.threshold,
+            "calibration": self.calibration, "threshold": self.threshold, "preprocess": self.preprocess.to_dict(),
             "gate": [gate.feature_scale, gate.pixel_scale, gate.threshold] if gate else None,
             "population": self.population_gate.threshold if self.population_gate else None,
         }, sort_keys=True).encode())

@@ -133,7 +133,7 @@ class PopulationGate:
             for state in self.state_dicts:
                 net = PopulationNet(self.channels)
                 net.load_state_dict(state)
-                self.members.append(net.eval())
+                self.members.append(net.eval().to(memory_format=torch.channels_last))
 
     @torch.inference_mode()
     def probabilities(self, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:

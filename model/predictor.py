@@ -133,7 +133,7 @@ class Predictor:
         """
         facts = NO_FACTS
         if isinstance(image, (bytes, bytearray, memoryview)):
-            image, facts = decode_film(bytes(image), self.limits)
+            image, facts = decode_film(bytes(image), self.limits, self.checkpoint.preprocess.decode_side)
         if age_years is not None and facts.age_years is not None and abs(age_years - facts.age_years) > 1:
             raise InvalidImageError(
                 f"The age entered ({format_years(age_years)}) and the DICOM header's age "

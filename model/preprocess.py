@@ -20,7 +20,10 @@ from .errors import InvalidImageError
 from .pixels import stretch, to_gray_float
 
 #: Bump when the arithmetic below changes in a way that changes model inputs.
-PREPROCESS_VERSION = 1
+#: 2: JPEGs decode at a reduced DCT scale (``decode.py``) and 8/16-bit images shrink
+#: to the prefilter size before the float conversion; a 224 px image (the training
+#: copies) gives exactly the input of version 1.
+PREPROCESS_VERSION = 2
 
 GEOMETRIES = ("squash", "center_crop")
 EQUALIZATIONS = ("none", "hist", "clahe")
@@ -57,6 +60,11 @@ class PreprocessParams:
         if self.prefilter_size is not None and self.prefilter_size < self.size:
             raise ValueError("prefilter_size must be at least size")
 
+    @property
+    def decode_side(self) -> int:
+        """The smallest square the image is shrunk to first: a decoder may skip detail below it."""
+        return self.prefilter_size or self.size
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -81,8 +89,12 @@ def preprocess(
 ) -> np.ndarray:
     """Encoded bytes or a decoded array -> the float32 (size, size) model input in [0, 1]."""
     if isinstance(image, (bytes, bytearray, memoryview)):
-        image = decode_image(bytes(image), limits)
-    gray = to_gray_float(image)
+        image = decode_image(bytes(image), limits, min_side=params.decode_side)
+    gray = np.asarray(image)
+    if gray.ndim == 3 and gray.shape[2] in (3, 4) and gray.dtype in (np.uint8, np.uint16):
+        gray = cv2.cvtColor(np.ascontiguousarray(gray[:, :, :3]), cv2.COLOR_RGB2GRAY)  # exact for gray pictures
+    if not (gray.ndim == 2 and gray.dtype in (np.uint8, np.uint16)):
+        gray = to_gray_float(gray)  # float, bool or odd layouts: to float gray first
     height, width = gray.shape
     if min(height, width) < 2:
         raise InvalidImageError("The image is too small.")
@@ -91,7 +103,10 @@ def preprocess(
         top, left = (height - side) // 2, (width - side) // 2
         gray = gray[top : top + side, left : left + side]
     if params.prefilter_size is not None:
+        # Shrinking 8- or 16-bit pixels before the float conversion touches a few
+        # thousand values instead of millions; a 224 px image is not resized at all.
         gray = _resize(gray, params.prefilter_size, cv2.INTER_AREA)
+    gray = to_gray_float(gray)
     if params.equalize != "none":
         gray = _equalize(gray, params.equalize)
     return stretch(_resize(gray, params.size, INTERPOLATIONS[params.interpolation]))

@@ -142,3 +142,27 @@ def test_clahe_changes_local_contrast_within_the_unit_range():
     out = preprocess(image, PreprocessParams(equalize="clahe"))
     assert out.min() == 0 and out.max() == 1
     assert np.abs(out - preprocess(image)).mean() > 0.01
+
+
+def version_1(data: bytes, params=PreprocessParams()) -> np.ndarray:
+    """The first version's arithmetic: full decode, float, area to 224, cubic to 64, stretch."""
+    from model.pixels import stretch, to_gray_float
+
+    gray = to_gray_float(decode_image(data))
+    gray = cv2.resize(gray, (224, 224), interpolation=cv2.INTER_AREA) if gray.shape != (224, 224) else gray
+    return stretch(cv2.resize(gray, (64, 64), interpolation=cv2.INTER_CUBIC))
+
+
+def test_a_224_px_training_copy_gives_exactly_the_first_version_s_input():
+    """Why the bundled network (trained on 224 px copies) stays valid under preprocessing version 2."""
+    gray = synthetic_xray(224, 224, seed=7)
+    rgb_jpeg = encode(np.dstack([gray, gray, gray]), ".jpg")
+    for data in (rgb_jpeg, encode(gray, ".jpg"), encode(gray, ".png")):
+        np.testing.assert_array_equal(preprocess(data), version_1(data))
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_and_keeps_its_answer():
+    data = encode(synthetic_xray(1500, 1100, seed=3), ".jpg")
+    assert decode_image(data).shape == (1500, 1100)
+    assert decode_image(data, min_side=224).shape == (375, 275)  # 1/4: both sides still >= 224
+    assert np.abs(preprocess(data) - version_1(data)).mean() < 0.02  # noise detail the DCT scale drops
