@@ -21,7 +21,11 @@ def roc_polyline(roc: dict | None, size: int = 240) -> str:
 
 
 def saliency_png(gray: np.ndarray, heat: np.ndarray, side: int = 256) -> bytes:
-    """The heat map (0..1) in a red-yellow colour map over the gray image, as PNG bytes."""
+    """The heat map (0..1) in a red-yellow colour map over the gray image, as PNG bytes.
+
+    The page asks for 128 px and lets the browser scale it: the input is 64 px and the
+    map 8 px, so nothing is lost, and the PNG costs a quarter of the 256 px one.
+    """
     base = cv2.resize(np.clip(gray, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_NEAREST)
     heat = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
     colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET).astype(np.float32) / 255

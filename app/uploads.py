@@ -28,8 +28,19 @@ def _all_files(request: Request) -> list[FileStorage]:
     return [f for name in request.files for f in request.files.getlist(name)]
 
 
+#: Bodies the API takes as the file itself, without multipart (which costs a parse).
+RAW_TYPES = frozenset({"image/jpeg", "image/png", "application/dicom", "image/tiff", "image/bmp", "image/webp",
+                       "application/octet-stream"})
+
+
 def read_single_upload(request: Request, field: str = "image") -> bytes:
-    """The bytes of exactly one uploaded file in ``field``."""
+    """The bytes of exactly one uploaded file in ``field``, or the whole body when its
+    Content-Type is an image type (``RAW_TYPES``): the same limits apply to both."""
+    if request.mimetype in RAW_TYPES:
+        data = request.get_data(cache=False)
+        if not data:
+            raise UploadError("The request body is empty: send the image itself as the body.")
+        return data
     files = _all_files(request)
     chosen = request.files.getlist(field)
     if not files:
@@ -62,8 +73,9 @@ def display_name(filename: str | None, position: int) -> str:
 
 
 def read_age(request: Request, field: str = "age_years") -> float | None:
-    """The patient's age in years from the form or multipart field, if given (fractions allowed)."""
-    text = (request.form.get(field) or "").strip()
+    """The patient's age in years from the form or multipart field (or, for a raw-body
+    upload, the query string), if given; fractions allowed."""
+    text = (request.form.get(field) or request.args.get(field) or "").strip()
     if not text:
         return None
     try:
@@ -76,11 +88,10 @@ def read_age(request: Request, field: str = "age_years") -> float | None:
 
 
 def predict_each(predictor: Predictor, files: list[tuple[str, bytes]], age_years: float | None = None) -> list[dict]:
-    """One row per file: ``{"name", "prediction"}`` or, for a refused file, ``{"name", "error"}``."""
-    rows = []
-    for name, data in files:
-        try:
-            rows.append({"name": name, "prediction": predictor.predict(data, age_years=age_years)})
-        except ImageError as error:
-            rows.append({"name": name, "error": error})
-    return rows
+    """One row per file: ``{"name", "prediction"}`` or, for a refused file, ``{"name", "error"}``.
+
+    The films go through the network in one batch (``Predictor.predict_files``).
+    """
+    results = predictor.predict_files([data for _, data in files], age_years)
+    return [{"name": name, "error": result} if isinstance(result, ImageError) else {"name": name, "prediction": result}
+            for (name, _), result in zip(files, results)]

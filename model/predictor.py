@@ -7,6 +7,7 @@ they all see the same preprocessing, calibration, gate and threshold.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -16,8 +17,8 @@ import torch
 
 from .checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
 from .decode import DecodeLimits, decode_film
-from .errors import InvalidImageError
-from .film_facts import NO_FACTS
+from .errors import ImageError, InvalidImageError
+from .film_facts import NO_FACTS, FilmFacts
 from .network import Inference
 from .pixels import stretch
 from .population import IMAGE_MESSAGES, Reason, format_years, metadata_reasons
@@ -131,15 +132,7 @@ class Predictor:
         no label. With ``saliency`` the one forward pass runs with gradients, and the
         Grad-CAM map comes from its activations.
         """
-        facts = NO_FACTS
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            image, facts = decode_film(bytes(image), self.limits, self.checkpoint.preprocess.decode_side)
-        if age_years is not None and facts.age_years is not None and abs(age_years - facts.age_years) > 1:
-            raise InvalidImageError(
-                f"The age entered ({format_years(age_years)}) and the DICOM header's age "
-                f"({format_years(facts.age_years)}) differ by more than a year: check which is right."
-            )
-        model_input = self.preprocess(image)
+        model_input, facts = self._prepare(image, age_years)
         heat = None
         if saliency:
             with torch.enable_grad():
@@ -148,18 +141,53 @@ class Predictor:
             raw = NetworkOutput.of(out)
         else:
             raw = infer_batches(self.model, model_input[None])
-        batch = self._finish(raw, model_input[None])
-        probability = float(batch.probabilities[0])
+        return self._assemble(self._finish(raw, model_input[None]), 0, model_input, facts, age_years, heat)
+
+    def predict_files(self, files: list[bytes], age_years: float | None = None) -> list[Prediction | ImageError]:
+        """Several uploads: decoded two at a time (the decoders release the GIL), then one
+        batched forward pass. A file that cannot be read gets its ``ImageError`` in its place."""
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            prepared = list(pool.map(lambda data: self._try_prepare(data, age_years), files))
+        ready = [i for i, item in enumerate(prepared) if not isinstance(item, ImageError)]
+        results: list[Prediction | ImageError] = list(prepared)
+        if ready:
+            inputs = np.stack([prepared[i][0] for i in ready])
+            batch = self.predict_many(inputs)
+            for row, i in enumerate(ready):
+                results[i] = self._assemble(batch, row, inputs[row], prepared[i][1], age_years)
+        return results
+
+    def _try_prepare(self, data: bytes, age_years: float | None):
+        try:
+            return self._prepare(data, age_years)
+        except ImageError as error:
+            return error
+
+    def _prepare(self, image: bytes | np.ndarray, age_years: float | None) -> tuple[np.ndarray, FilmFacts]:
+        """Decode (a JPEG at reduced scale), check the ages agree, preprocess."""
+        facts = NO_FACTS
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image, facts = decode_film(bytes(image), self.limits, self.checkpoint.preprocess.decode_side)
+        if age_years is not None and facts.age_years is not None and abs(age_years - facts.age_years) > 1:
+            raise InvalidImageError(
+                f"The age entered ({format_years(age_years)}) and the DICOM header's age "
+                f"({format_years(facts.age_years)}) differ by more than a year: check which is right."
+            )
+        return self.preprocess(image), facts
+
+    def _assemble(self, batch: BatchOutput, row: int, model_input: np.ndarray, facts: FilmFacts,
+                  age_years: float | None, heat: np.ndarray | None = None) -> Prediction:
+        probability = float(batch.probabilities[row])
         reasons = metadata_reasons(facts, age_years, self.checkpoint.intended_use)
-        if batch.outside is not None and batch.outside[0]:
-            reasons.append(Reason("image", IMAGE_MESSAGES[batch.outside[0]]))
+        if batch.outside is not None and batch.outside[row]:
+            reasons.append(Reason("image", IMAGE_MESSAGES[batch.outside[row]]))
         return Prediction(
             probability=probability,
             label=None if reasons else CLASS_NAMES[1] if probability >= self.threshold else CLASS_NAMES[0],
             threshold=self.threshold,
             model_input=model_input,
-            aligned=batch.aligned[0],
-            ood_score=None if batch.ood_scores is None else float(batch.ood_scores[0]),
+            aligned=batch.aligned[row],
+            ood_score=None if batch.ood_scores is None else float(batch.ood_scores[row]),
             saliency=heat,
             population_reasons=tuple(reasons),
         )

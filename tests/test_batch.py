@@ -1,6 +1,8 @@
 """Several files at once: one row per file, refusals included, through the page and the API."""
 import re
 
+import pytest
+
 from tests.support.client import Uploads
 from tests.support.dicom_files import make_dicom, twelve_bit
 from tests.support.images import encode, synthetic_xray
@@ -37,3 +39,27 @@ def test_batch_file_count_limit(make_app):
     files = [(XRAY, f"{i}.png") for i in range(6)]
     response = Uploads(make_app(MAX_BATCH_FILES=5).test_client()).batch_api(files)
     assert response.status_code == 400 and "at most 5" in response.get_json()["error"]
+
+
+def test_a_batch_answers_exactly_what_single_uploads_answer(app, uploads):
+    files = [(encode(synthetic_xray(380 + 10 * i, 300, seed=i), ".jpg"), f"{i}.jpg") for i in range(5)]
+    rows = uploads.batch_api(files).get_json()["results"]
+    predictor = app.extensions["model"].predictor
+    for (data, _), row in zip(files, rows):
+        single = predictor.predict(data)
+        assert row["probability"] == pytest.approx(single.probability, abs=1e-5)
+        assert row["ood_score"] == pytest.approx(single.ood_score, abs=1e-4)
+        assert row["label"] == single.label
+
+
+def test_a_raw_body_upload_answers_like_multipart(client, uploads):
+    raw = client.post("/api/v1/predict?age_years=40", data=XRAY, content_type="image/png").get_json()
+    form = uploads.api(XRAY, age_years="40").get_json()
+    assert raw == form and "age" in [r["check"] for r in raw["population_reasons"]]
+    assert client.post("/api/v1/predict", data=b"", content_type="image/jpeg").status_code == 400
+
+
+def test_a_raw_body_over_the_size_limit_is_413(make_app):
+    client = make_app(MAX_CONTENT_LENGTH=50_000).test_client()
+    response = client.post("/api/v1/predict", data=b"\xff" * 60_000, content_type="image/jpeg")
+    assert response.status_code == 413 and "limit" in response.get_json()["error"]

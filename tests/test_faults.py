@@ -116,6 +116,7 @@ def test_uploads_leave_nothing_on_disk(caplog):
     before = snapshot(*roots)
     for data, name in ((XRAY, "patient-1.jpg"), (big, "patient-2.png"), (b"junk", "patient-3.png")):
         client.post("/api/v1/predict", data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+    client.post("/api/v1/predict", data=big, content_type="image/png")  # a raw-body upload, over 500 KB
     after = snapshot(*roots)
     changed = {path for path, mtime in after.items() if before.get(path) != mtime}
     changed = {p for p in changed if not p.startswith(str(Path(tempfile.gettempdir()) / "pytest-of-"))}

@@ -51,10 +51,18 @@ def test_two_file_parts(client):
     assert response.status_code == 400 and "exactly one" in response.get_json()["error"]
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "image/png", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded"])
 def test_wrong_content_type(client, content_type):
     response = client.post("/api/v1/predict", data=VALID, content_type=content_type)
     assert response.status_code == 400 and "No file" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_raw_body_uploads_answer_each_file_like_multipart(client, case, expected_valid):
+    _, _, data, expected = case
+    check(client.post("/api/v1/predict", data=data, content_type="application/octet-stream"), expected, is_json=True)
+    after = client.post("/api/v1/predict", data=VALID, content_type="image/png")
+    assert after.status_code == 200 and after.get_json()["probability"] == pytest.approx(expected_valid, abs=1e-6)
 
 
 def test_memory_stays_bounded_across_the_corpus(uploads):
