@@ -6,23 +6,31 @@ one inline script that ``components()`` produces carries a per-request CSP nonce
 from __future__ import annotations
 
 import secrets
+from functools import lru_cache
 from pathlib import Path
 
 from bokeh.resources import Resources
 from bokeh.util.paths import bokehjs_path
 from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
-from model import TsneMapError
+from model import TsneMap, TsneMapError
 
 from .security import content_security_policy
 from .serving import get_predictor, tsne_map_path
 from .thumbnails import dataset_file, thumbnail_jpeg
-from .tsne_plot import plot_components
+from .tsne_plot import placement_item, plot_components
 
 bp = Blueprint("analysis", __name__)
 
 BOKEH_URL = "/bokeh/"
 THUMBNAIL_URL = "/analysis/thumbnail/"
+
+
+@lru_cache(maxsize=1)
+def bokeh_js_files() -> tuple[str, ...]:
+    """BokehJS from this app's own /bokeh/ route (hospital networks often have no internet);
+    the list is worked out once (it costs about 0.7 ms)."""
+    return tuple(Resources(mode="server", root_url=BOKEH_URL, components=["bokeh"]).js_files)
 
 
 @bp.get("/analysis")
@@ -44,7 +52,7 @@ def analysis():
     html = render_template(
         "analysis.html",
         plot={"script": script.replace("<script", f'<script nonce="{nonce}"', 1), "div": div},
-        bokeh_js=Resources(mode="server", root_url=BOKEH_URL, components=["bokeh"]).js_files,
+        bokeh_js=bokeh_js_files(),
         summary=summary,
         stale=summary["version"] != current_version,
         current_version=current_version,
@@ -52,6 +60,21 @@ def analysis():
     )
     response = Response(html)
     response.headers["Content-Security-Policy"] = content_security_policy(script_nonce=nonce, inline_styles=True)
+    return response
+
+
+@bp.get("/analysis/film-map/<version>.json")
+def film_map(version: str):
+    """The result page's small map (Bokeh JSON) for the serving model's map; cacheable, the same for every film."""
+    path = tsne_map_path()
+    try:
+        if TsneMap.load(path).checkpoint_version != version:
+            abort(404)
+        item = placement_item(path)
+    except TsneMapError:
+        abort(404)
+    response = Response(item, mimetype="application/json")
+    response.headers["Cache-Control"] = "public, max-age=86400, immutable"
     return response
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 import base64
 
 from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import BadRequest
 
 from model import Prediction
+from model.neighbours import COUNT_K
 
 from .errors import status_for
 from .render import saliency_png
-from .serving import get_predictor
+from .serving import get_predictor, neighbour_index
 from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -17,6 +19,28 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 def wants_saliency() -> bool:
     return request.args.get("saliency", request.form.get("saliency", "")).lower() in ("1", "true", "yes", "on")
+
+
+def wanted_neighbours() -> int | None:
+    """``?neighbours=K``: the K (1 to 25) nearest training films; 400 otherwise."""
+    text = request.args.get("neighbours")
+    if text is None:
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= COUNT_K:
+        raise BadRequest(f"neighbours must be a whole number from 1 to {COUNT_K}, not {text[:20]!r}.")
+    return k
+
+
+def neighbours_json(prediction: Prediction, k: int) -> dict:
+    index, problem = neighbour_index()
+    if index is None:
+        return {"neighbours": None, "neighbours_unavailable": problem}
+    neighbours, pneumonia, _ = index.nearest(prediction.features, k)
+    return {"neighbours": [n.to_dict() for n in neighbours], f"pneumonia_among_{COUNT_K}_nearest": pneumonia}
 
 
 def prediction_json(prediction: Prediction) -> dict:
@@ -36,10 +60,15 @@ def prediction_json(prediction: Prediction) -> dict:
 
 @bp.post("/predict")
 def predict():
-    """multipart/form-data with one file in ``image`` (and optionally ``age_years``) -> probability, decision, gate."""
+    """One file (multipart ``image`` or the raw body; optionally ``age_years``) -> probability, decision, gate;
+    with ``?neighbours=K`` also the K nearest training films."""
+    k = wanted_neighbours()
     prediction = get_predictor().predict(read_single_upload(request), saliency=wants_saliency(),
                                          age_years=read_age(request))
-    return jsonify(prediction_json(prediction))
+    body = prediction_json(prediction)
+    if k is not None:
+        body.update(neighbours_json(prediction, k))
+    return jsonify(body)
 
 
 @bp.post("/predict/batch")

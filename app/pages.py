@@ -1,17 +1,23 @@
 """The clinician's pages: upload, result, batch results, the model card; and the health check."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
+from pathlib import Path
 
+from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, url_for
+
+from model.neighbours import COUNT_K
 from model.store import StoreError
 
+from .analysis import THUMBNAIL_URL, bokeh_js_files
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
-from .serving import get_predictor
+from .security import content_security_policy
+from .serving import get_predictor, neighbour_index
 from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
 
 bp = Blueprint("pages", __name__)
 
 ACCEPTED_FORMATS = "JPEG, PNG (8- or 16-bit), DICOM (CR/DX), TIFF, BMP, WebP"
+SIMILAR_SHOWN = 6
 GATE_GOALS = {"adult frontal, held-out patients": ">= 90%", "lateral, held-out patients": ">= 95%",
               "test split": "<= 5%", "validation split": "<= 2%"}
 
@@ -35,7 +41,8 @@ def index():
 def predict():
     predictor = get_predictor()
     prediction = predictor.predict(read_single_upload(request), saliency=True, age_years=read_age(request))
-    return render_template(
+    similar = similar_films(prediction) if prediction.in_distribution else None
+    html = render_template(
         "result.html",
         prediction=prediction,
         percent=100 * prediction.probability,
@@ -44,7 +51,28 @@ def predict():
         saliency_uri=png_bytes_data_uri(saliency_png(prediction.aligned, prediction.saliency, side=128)),
         model=predictor.checkpoint,
         test_metrics=predictor.checkpoint.metrics.get("test", {}),
+        similar=similar,
     )
+    response = Response(html)
+    if similar and similar.get("neighbours"):
+        # BokehJS writes <style> elements into its shadow roots.
+        response.headers["Content-Security-Policy"] = content_security_policy(inline_styles=True)
+    return response
+
+
+def similar_films(prediction) -> dict:
+    """The 6 nearest training films (thumbnails where the dataset folder is here) and this film's
+    place on the training map; or why they cannot be shown."""
+    index, problem = neighbour_index()
+    if index is None:
+        return {"problem": problem}
+    neighbours, pneumonia, (x, y) = index.nearest(prediction.features, SIMILAR_SHOWN)
+    thumbnails = Path(current_app.config["DATASET_DIR"]).is_dir()
+    return {
+        "neighbours": neighbours, "pneumonia": pneumonia, "count": COUNT_K, "x": x, "y": y,
+        "thumbnail_url": THUMBNAIL_URL if thumbnails else None, "bokeh_js": bokeh_js_files(),
+        "map_url": url_for("analysis.film_map", version=index.version),
+    }
 
 
 @bp.post("/predict/batch")

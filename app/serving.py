@@ -18,11 +18,13 @@ import logging
 import os
 import threading
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from flask import Flask, current_app, g
 
-from model import CheckpointError, DecodeLimits, Predictor, PreprocessParams
+from model import CheckpointError, DecodeLimits, Predictor, PreprocessParams, TsneMap, TsneMapError
+from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT
 from model.store import ModelStore, StoreError
 
@@ -106,6 +108,8 @@ def init_app(app: Flask) -> None:
             log.info("seeded the model store %s with the bundled model", store.root)
         served, source = ServedModel.from_store(store, limits), f"the model store {store.root}"
     app.extensions["model"] = served
+    with app.app_context():  # load the nearest-film index now, not on the first request
+        neighbour_index(served.predictor.version)
     log.info("serving model %s from %s (loaded in %.2f s)", served.predictor.version, source,
              time.perf_counter() - started)
 
@@ -117,16 +121,40 @@ def get_predictor() -> Predictor:
     return g.predictor
 
 
-def tsne_map_path() -> Path:
+def tsne_map_path(version: str | None = None) -> Path:
     """The t-SNE map to show: a pinned file, the serving version's, else the newest in the store."""
+    version = version or get_predictor().version
     config = current_app.config
     if config.get("TSNE_ARTIFACT"):
         return Path(config["TSNE_ARTIFACT"])
     store = current_app.extensions["model"].store
     if store is None:
         return DEFAULT_TSNE_ARTIFACT
-    own = store.tsne_path(get_predictor().version)
+    own = store.tsne_path(version)
     if own.is_file():
         return own
     others = sorted(store.versions_dir.glob("*.tsne.npz"), key=lambda p: p.stat().st_mtime)
     return others[-1] if others else DEFAULT_TSNE_ARTIFACT
+
+
+def neighbour_index(version: str | None = None) -> tuple[NeighbourIndex | None, str | None]:
+    """The serving model's nearest-film index, or None and why (no map, or a map of another version)."""
+    version = version or get_predictor().version
+    path = tsne_map_path(version)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None, f"no dataset map at {path}: run python -m training.tsne"
+    index, problem = _index(str(path), stamp)
+    if index is not None and index.version != version:
+        return None, (f"the dataset map was made with model {index.version}, not the serving {version}: "
+                      "run python -m training.tsne")
+    return index, problem
+
+
+@lru_cache(maxsize=2)
+def _index(path: str, stamp: int) -> tuple[NeighbourIndex | None, str | None]:
+    try:
+        return NeighbourIndex(TsneMap.load(path)), None
+    except (TsneMapError, ValueError) as exc:
+        return None, str(exc)

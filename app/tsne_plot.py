@@ -5,11 +5,12 @@ file and rebuilt only when the file changes.
 """
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from bokeh.embed import components
+from bokeh.embed import components, json_item
 from bokeh.layouts import row
 from bokeh.models import ColumnDataSource, HoverTool, TabPanel, Tabs
 from bokeh.plotting import figure
@@ -88,3 +89,32 @@ def _cached_components(path: str, mtime_ns: int | None, thumbnail_url: str | Non
     tsne_map = TsneMap.load(path)
     script, div = components(build_layout(tsne_map, thumbnail_url))
     return script, div, tsne_map
+
+
+UPLOAD_SOURCE = "upload"  # the marker's data source, filled in the browser by static/place.js
+
+
+def placement_item(path: Path) -> str:
+    """The small map of the training split's learned features as Bokeh JSON, with an empty
+    marker source that ``static/place.js`` fills per page. Built once per map file, fetched
+    once per browser (it is the same for every film), and nothing of an upload is in it."""
+    return _placement(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _placement(path: str, mtime_ns: int) -> str:
+    tsne_map = TsneMap.load(path)
+    train = tsne_map.split == "train"
+    labels = np.where(tsne_map.label[train] == 1, "PNEUMONIA", "NORMAL")
+    points = ColumnDataSource({"x": tsne_map.feature_xy[train, 0], "y": tsne_map.feature_xy[train, 1],
+                               "label": labels, "color": np.array([COLORS[label] for label in labels])})
+    plot = figure(title="Training split, learned features", width=420, height=380,
+                  tools="pan,wheel_zoom,reset", active_scroll="wheel_zoom")
+    plot.scatter("x", "y", source=points, size=4, color="color", alpha=0.45, legend_field="label")
+    upload = ColumnDataSource({"x": [], "y": []}, name=UPLOAD_SOURCE)
+    plot.scatter("x", "y", source=upload, marker="star", size=22, fill_color="#f2c200", line_color="#111111",
+                 line_width=2, legend_label="this film")
+    plot.legend.location = "top_left"
+    plot.axis.visible = False
+    plot.grid.visible = False
+    return json.dumps(json_item(plot, "film-map-plot"))

@@ -81,6 +81,7 @@ class Prediction:
     ood_score: float | None = None
     saliency: np.ndarray | None = None  # float32 (S, S) in [0, 1], over ``aligned``
     population_reasons: tuple[Reason, ...] = ()  # empty when the film is in the intended population
+    features: np.ndarray | None = None  # (C,) the learned features, for the nearest training films
 
     @property
     def is_pneumonia(self) -> bool:
@@ -190,6 +191,7 @@ class Predictor:
             ood_score=None if batch.ood_scores is None else float(batch.ood_scores[row]),
             saliency=heat,
             population_reasons=tuple(reasons),
+            features=batch.features[row],
         )
 
     def _finish(self, raw: NetworkOutput, inputs: np.ndarray) -> BatchOutput:

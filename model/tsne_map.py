@@ -15,7 +15,8 @@ import numpy as np
 
 from .atomic import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the learned features, for the nearest training films
+READABLE_VERSIONS = (1, 2)
 
 
 class TsneMapError(RuntimeError):
@@ -34,8 +35,14 @@ class TsneMap:
     files: np.ndarray  # (N,) paths relative to the dataset folder
     probability: np.ndarray  # (N,) float32, calibrated
     correct: np.ndarray  # (N,) bool, the decision at ``threshold`` was right
+    #: (N, D) float32 learned features, standardised with the training split's mean and
+    #: std (``feature_mean``, ``feature_std``); absent in format 1 files
+    features: np.ndarray | None = None
+    feature_mean: np.ndarray | None = None
+    feature_std: np.ndarray | None = None
 
     _PER_POINT = ("pixel_xy", "feature_xy", "split", "label", "files", "probability", "correct")
+    _OPTIONAL = ("features", "feature_mean", "feature_std")
 
     def __len__(self) -> int:
         return len(self.label)
@@ -44,7 +51,8 @@ class TsneMap:
         """Atomically: the page never reads half a file."""
         buffer = io.BytesIO()
         np.savez_compressed(buffer, format_version=np.int64(FORMAT_VERSION),
-                            **{f.name: np.asarray(getattr(self, f.name)) for f in fields(self)})
+                            **{f.name: np.asarray(getattr(self, f.name)) for f in fields(self)
+                               if getattr(self, f.name) is not None})
         with atomic_write(path) as handle:
             handle.write(buffer.getvalue())
         return Path(path)
@@ -57,16 +65,18 @@ class TsneMap:
         try:
             with np.load(path, allow_pickle=False) as data:
                 version = int(data["format_version"]) if "format_version" in data.files else int(data["artifact_version"])
-                if version != FORMAT_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise TsneMapError(f"The t-SNE artifact at {path} has format version {version}; "
                                        f"this code reads {FORMAT_VERSION}.")
-                values = {f.name: data[f.name] for f in fields(cls)}
+                values = {f.name: data[f.name] for f in fields(cls) if f.name not in cls._OPTIONAL}
+                values.update({name: data[name] for name in cls._OPTIONAL if name in data.files})
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise TsneMapError(f"The t-SNE artifact at {path} is unreadable ({type(exc).__name__}).") from None
         values["checkpoint_version"] = str(values["checkpoint_version"])
         values["created_at"] = str(values["created_at"])
         values["threshold"] = float(values["threshold"])
         tsne_map = cls(**values)
-        if any(len(getattr(tsne_map, key)) != len(tsne_map) for key in cls._PER_POINT):
+        per_point = cls._PER_POINT + (("features",) if tsne_map.features is not None else ())
+        if any(len(getattr(tsne_map, key)) != len(tsne_map) for key in per_point):
             raise TsneMapError(f"The t-SNE artifact at {path} is unreadable (columns of different lengths).")
         return tsne_map

@@ -40,6 +40,7 @@ def test_generator_writes_coordinates_and_metadata_for_every_image(tiny_run):
 
         assert str(a["checkpoint_version"]) == load_checkpoint(checkpoint).version
         assert not any(k in a.files for k in ("images", "pixels"))  # coordinates only, no images
+        assert a["features"].shape == (n, 128) and a["feature_mean"].shape == (128,)  # for the nearest films
 
 
 @pytest.fixture

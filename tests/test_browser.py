@@ -119,11 +119,10 @@ def test_analysis_page_renders_the_bokeh_plot(browser, live_server):
 
 
 def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_data, tmp_path):
+    import cv2
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
-
-    import cv2
 
     from tests.support.dicom_files import make_dicom, twelve_bit
 
@@ -162,3 +161,23 @@ def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_da
     browser.find_element(By.ID, "submit").click()
     reasons = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.ID, "population-reasons"))).text
     assert "45 years" in reasons and browser.find_elements(By.ID, "decision") == []
+
+
+def test_the_result_page_shows_similar_films_and_places_this_one_on_the_map(browser, live_server, real_data):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = sorted((real_data / "test" / "NORMAL").iterdir())[3]
+    browser.get(live_server + "/")
+    browser.find_element(By.ID, "image").send_keys(str(image))
+    browser.find_element(By.ID, "submit").click()
+    film_map = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "film-map"))
+    WebDriverWait(browser, 20).until(lambda b: film_map.get_attribute("data-placed") == "true")
+    placed = browser.execute_script("return Bokeh.documents[0].get_model_by_name('upload').data.x[0];")
+    assert placed == pytest.approx(float(film_map.get_attribute("data-x")))
+    thumbnails = browser.find_elements(By.CSS_SELECTOR, "#neighbours img")
+    WebDriverWait(browser, 20).until(lambda b: all(img.get_property("naturalWidth") > 0 for img in thumbnails))
+    assert len(thumbnails) == 6
+    assert len(browser.execute_script(FIND_CANVASES)) >= 1
+    assert severe_console_messages(browser) == []
+    assert resource_origins(browser) == {live_server}

@@ -68,6 +68,8 @@ def build_map(args, checkpoint: Path) -> TsneMap:
     out = predictor.predict_many(images)
     probabilities, features = out.probabilities, out.features
     predicted = (probabilities >= predictor.threshold).astype(int)
+    train_features = features[: len(splits["train"])]
+    mean, std = train_features.mean(axis=0).astype(np.float32), (train_features.std(axis=0) + 1e-6).astype(np.float32)
     started = time.perf_counter()
     log.info("[2/%d] t-SNE of the pixels (%d dimensions)", steps, images[0].size)
     pixel_xy = embed(images.reshape(len(images), -1), args.perplexity, args.pca, args.seed)
@@ -87,6 +89,9 @@ def build_map(args, checkpoint: Path) -> TsneMap:
         files=np.array([f for s in splits.values() for f in s.files]),
         probability=probabilities.astype(np.float32),
         correct=predicted == labels,
+        features=((features - mean) / std).astype(np.float32),
+        feature_mean=mean,
+        feature_std=std,
     )
 
 
