@@ -141,7 +141,7 @@ class PopulationGate:
         parts = []
         for start in range(0, len(inputs), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)).unsqueeze(1)
-            parts.append(torch.stack([F.softmax(m.eval()(x), dim=1) for m in self.members]).mean(dim=0).numpy())
+            parts.append(torch.stack([F.softmax(m(x), dim=1) for m in self.members]).mean(dim=0).numpy())
         return np.concatenate(parts) if parts else np.zeros((0, len(KINDS)), np.float32)
 
     def assess(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
