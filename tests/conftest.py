@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from model.settings import REPO_ROOT, data_dir
+from model.settings import adult_data_dir, data_dir
 from tests.support.client import Uploads
 from tests.support.images import make_adult_films, make_dataset
 
@@ -59,12 +59,14 @@ def tiny_dataset(tmp_path) -> Path:
     return make_dataset(tmp_path / "chest_xray")
 
 
-@pytest.fixture(scope="session")
-def real_data() -> Path:
-    """The real dataset; skipped where absent, but a failure under CI."""
-    root = data_dir()
-    if not (root / "test" / "PNEUMONIA").is_dir():
-        message = f"real dataset not found at {root} (set CHEST_XRAY_DATA)"
+#: Read before ``generated_adult_films`` points ADULT_CXR_DATA at generated films.
+REAL_ADULT_DATA = adult_data_dir()
+
+
+def required_data(root: Path, marker: str, what: str) -> Path:
+    """``root`` if ``root / marker`` exists; else a skip with the reason, or a failure under CI."""
+    if not (root / marker).exists():
+        message = f"{what} not found at {root}"
         if os.environ.get("CI"):
             pytest.fail(message + "; CI requires it")
         pytest.skip(message)
@@ -72,15 +74,15 @@ def real_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real dataset (``CHEST_XRAY_DATA``)."""
+    return required_data(data_dir(), "test/PNEUMONIA", "real dataset (set CHEST_XRAY_DATA)")
+
+
+@pytest.fixture(scope="session")
 def real_adult_data() -> Path:
-    """The real adult and lateral films (``../shared/data/adult_cxr``); skipped where absent, failed under CI."""
-    root = REPO_ROOT.parent / "shared" / "data" / "adult_cxr"
-    if not (root / "manifest.csv").is_file():
-        message = f"adult films not found at {root}"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI requires them")
-        pytest.skip(message)
-    return root
+    """The real adult and lateral films (``ADULT_CXR_DATA``, default ``../shared/data/adult_cxr``)."""
+    return required_data(REAL_ADULT_DATA, "manifest.csv", "adult films (set ADULT_CXR_DATA)")
 
 
 @pytest.fixture(scope="session")
