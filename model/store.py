@@ -126,7 +126,8 @@ class ModelStore:
         """Store a new candidate; never changes what is served. Returns its path."""
         path = self.checkpoint_path(checkpoint.version)
         if path.exists():
-            raise StoreError(f"version {checkpoint.version} is already in the store")
+            raise StoreError(f"version {checkpoint.version} is already in the store: this run reproduced it exactly "
+                             "(the same weights, calibration, gates and threshold)")
         save_checkpoint(checkpoint, path)
         self._write_summary(checkpoint, source)
         return path

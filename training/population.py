@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model import Predictor
+from model import Predictor, save_checkpoint
 from model.population import KINDS, PopulationGate, PopulationNet
 from model.settings import (
     DEFAULT_CACHE_DIR,
@@ -168,8 +168,6 @@ def main(args) -> int:
     print(format_table({k: checkpoint.metrics[k] for k in ("validation", "test")}))
     print(format_gate_table(checkpoint.metrics["population_gate"]))
     if args.out:
-        from model import save_checkpoint
-
         save_checkpoint(checkpoint, args.out)
         print(f"wrote {args.out} ({checkpoint.version})")
     else:
