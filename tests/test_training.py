@@ -135,3 +135,12 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path, caplog, mon
     out = tmp_path / "ck.pt"
     assert run_train("--data", str(tiny_dataset), "--out", str(out), "--dry-run", "--device", "cuda") == 2
     assert "no CUDA device" in caplog.text and not out.exists()
+
+
+def test_weight_averaging_keeps_the_mean_of_the_last_epochs(tiny_dataset, tmp_path):
+    out = tmp_path / "ck.pt"
+    assert run_train("--data", str(tiny_dataset), "--out", str(out), "--epochs", "3", "--dry-run", "--workers", "1",
+                     "--select", "average", "--average-epochs", "2") == 0
+    member = load_checkpoint(out).training_data["members"][0]
+    assert member["select"] == "average" and member["averaged_epochs"] == 2
+    assert 0 <= member["averaged_val_auc"] <= 1 or np.isnan(member["averaged_val_auc"])

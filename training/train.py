@@ -76,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of train/ patients held out")
+    parser.add_argument("--select", choices=("best", "average"), default="best",
+                        help="best: the epoch with the best validation AUC; average: the mean weights of the "
+                             "last --average-epochs epochs (batch-norm statistics recomputed)")
+    parser.add_argument("--average-epochs", type=int, default=5)
     parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
     parser.add_argument("--geometry", choices=("squash", "center_crop"), default=PreprocessParams().geometry)
     parser.add_argument("--equalize", choices=("none", "hist", "clahe"), default=PreprocessParams().equalize)
@@ -117,7 +121,7 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
 
 
 def train_member(args, member: int, train: Split, val: Split, device) -> tuple[PneumoniaNet, dict]:
-    """Train one network; keep the epoch with the best validation AUC."""
+    """Train one network; keep the epoch with the best validation AUC, or average the last epochs."""
     seed = args.seed + 1000 * member
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -133,6 +137,7 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
     best_auc, best_state, best_epoch = -1.0, None, 0
     history = []
+    averaged = torch.optim.swa_utils.AveragedModel(model) if args.select == "average" else None
     bar = tqdm(
         total=args.epochs * steps_per_epoch,
         desc=f"member {member + 1}/{args.members}",
@@ -147,10 +152,21 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
         if val_auc > best_auc or best_state is None:
             best_auc, best_epoch = val_auc, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
+        if averaged is not None and epoch >= args.epochs - args.average_epochs:
+            averaged.update_parameters(model)
         bar.set_postfix_str(f"loss {loss:.4f} val AUC {val_auc:.4f} (best {best_auc:.4f} @ {best_epoch})")
     bar.close()
-    model.load_state_dict(best_state)
-    return model.cpu().eval(), {"seed": seed, "best_epoch": best_epoch, "best_val_auc": best_auc, "history": history}
+    info = {"seed": seed, "best_epoch": best_epoch, "best_val_auc": best_auc, "history": history, "select": args.select}
+    if averaged is None:
+        model.load_state_dict(best_state)
+        return model.cpu().eval(), info
+    images = torch.from_numpy(train.images).unsqueeze(1)
+    batches = [images[i : i + 256].to(device) for i in range(0, len(images), 256)]
+    torch.optim.swa_utils.update_bn(batches, averaged)  # the averaged weights need their own BN statistics
+    model.load_state_dict(averaged.module.state_dict())
+    info["averaged_epochs"] = min(args.average_epochs, args.epochs)
+    info["averaged_val_auc"] = roc_auc(val.labels, infer_batches(model, val.images, device=device).logits)
+    return model.cpu().eval(), info
 
 
 def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensitivity: float):
