@@ -13,7 +13,7 @@ from bokeh.resources import Resources
 from bokeh.util.paths import bokehjs_path
 from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
-from model import TsneMap, TsneMapError
+from model import TsneMapError
 
 from .security import content_security_policy
 from .serving import get_predictor, tsne_map_path
@@ -66,12 +66,11 @@ def analysis():
 @bp.get("/analysis/film-map/<version>.json")
 def film_map(version: str):
     """The result page's small map (Bokeh JSON) for the serving model's map; cacheable, the same for every film."""
-    path = tsne_map_path()
     try:
-        if TsneMap.load(path).checkpoint_version != version:
-            abort(404)
-        item = placement_item(path)
-    except TsneMapError:
+        map_version, item = placement_item(tsne_map_path())
+    except (TsneMapError, OSError):
+        abort(404)
+    if map_version != version:
         abort(404)
     response = Response(item, mimetype="application/json")
     response.headers["Cache-Control"] = "public, max-age=86400, immutable"

@@ -36,21 +36,20 @@ CHECK_INTERVAL_S = 1.0
 class ServedModel:
     """The current predictor of one process; ``store`` is None for a pinned checkpoint file."""
 
-    def __init__(self, predictor: Predictor, store: ModelStore | None = None, limits: DecodeLimits = DecodeLimits()):
+    def __init__(self, predictor: Predictor, store: ModelStore | None = None, limits: DecodeLimits = DecodeLimits(),
+                 stamp: tuple | None = None):
         self.predictor = predictor
         self.store = store
         self.limits = limits
-        self._stamp = store.pointer_stamp() if store else None
+        self._stamp = stamp  # the pointer's stamp when ``predictor`` was read from it
         self._watching_pid: int | None = None  # the process whose watcher thread runs
         self._start = threading.Lock()
 
     @classmethod
     def from_store(cls, store: ModelStore, limits: DecodeLimits) -> "ServedModel":
         """Start-up: the serving version must load (``CheckpointError``/``StoreError`` otherwise)."""
-        stamp = store.pointer_stamp()
-        served = cls(_load(store, store.serving_version(), limits), store, limits)
-        served._stamp = stamp
-        return served
+        stamp = store.pointer_stamp()  # before loading: a promotion meanwhile is caught by the first refresh
+        return cls(_load(store, store.serving_version(), limits), store, limits, stamp)
 
     def current(self) -> Predictor:
         """The predictor to use now; the first call in a process catches up and starts watching."""

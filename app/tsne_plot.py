@@ -94,15 +94,16 @@ def _cached_components(path: str, mtime_ns: int | None, thumbnail_url: str | Non
 UPLOAD_SOURCE = "upload"  # the marker's data source, filled in the browser by static/place.js
 
 
-def placement_item(path: Path) -> str:
+def placement_item(path: Path) -> tuple[str, str]:
     """The small map of the training split's learned features as Bokeh JSON, with an empty
     marker source that ``static/place.js`` fills per page. Built once per map file, fetched
-    once per browser (it is the same for every film), and nothing of an upload is in it."""
+    once per browser (it is the same for every film), and nothing of an upload is in it.
+    Returns (the map's model version, the JSON)."""
     return _placement(str(path), path.stat().st_mtime_ns)
 
 
 @lru_cache(maxsize=2)
-def _placement(path: str, mtime_ns: int) -> str:
+def _placement(path: str, mtime_ns: int) -> tuple[str, str]:
     tsne_map = TsneMap.load(path)
     train = tsne_map.split == "train"
     labels = np.where(tsne_map.label[train] == 1, "PNEUMONIA", "NORMAL")
@@ -117,4 +118,4 @@ def _placement(path: str, mtime_ns: int) -> str:
     plot.legend.location = "top_left"
     plot.axis.visible = False
     plot.grid.visible = False
-    return json.dumps(json_item(plot, "film-map-plot"))
+    return tsne_map.checkpoint_version, json.dumps(json_item(plot, "film-map-plot"))

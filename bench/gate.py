@@ -20,8 +20,8 @@ import torch
 from model import Predictor
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
 from tests.support.non_xray import non_xray_images
-from training.data import load_adult_films, load_split, validation_split
-from training.population import HELD_OUT_FRACTION
+from training.data import checkpoint_splits, load_adult_films
+from training.population import gate_sets
 
 GOALS = {"adult frontal, held-out patients": (">=", 0.90), "lateral, held-out patients": (">=", 0.95),
          "non-X-ray images": (">=", 1.0), "test split": ("<=", 0.05), "validation split": ("<=", 0.02)}
@@ -35,19 +35,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     predictor = Predictor.from_path(args.checkpoint)
-    params, split = predictor.checkpoint.preprocess, predictor.checkpoint.training_data.get("validation_split", {})
-    full = load_split(args.data, "train", params, DEFAULT_CACHE_DIR, progress=False)
-    _, val_index = validation_split(full.files, full.labels, split.get("fraction", 0.15), split.get("seed", 0))
-    test = load_split(args.data, "test", params, DEFAULT_CACHE_DIR, progress=False)
-    adult = load_adult_films(args.adult_data, params, DEFAULT_CACHE_DIR, progress=False)
-    held_out = adult.held_out(HELD_OUT_FRACTION)
-    sets = {
-        "adult frontal, held-out patients": adult.films.images[held_out & (adult.films.labels == 1)],
-        "lateral, held-out patients": adult.films.images[held_out & (adult.films.labels == 2)],
-        "non-X-ray images": np.stack([predictor.preprocess(image) for _, image in non_xray_images()]),
-        "test split": test.images,
-        "validation split": full.images[val_index],
-    }
+    checkpoint = predictor.checkpoint
+    _, val, test = checkpoint_splits(checkpoint.training_data, args.data, checkpoint.preprocess, DEFAULT_CACHE_DIR,
+                                     progress=False)
+    adult = load_adult_films(args.adult_data, checkpoint.preprocess, DEFAULT_CACHE_DIR, progress=False)
+    sets = {**gate_sets(val, test, adult),
+            "non-X-ray images": np.stack([predictor.preprocess(image) for _, image in non_xray_images()])}
     print(f"model {predictor.version}")
     print(f"{'set':<36}{'images':>8}{'refused':>10}   goal")
     for name, images in sets.items():

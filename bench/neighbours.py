@@ -25,8 +25,8 @@ from model import Predictor, TsneMap
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, adult_data_dir, data_dir
 from tests.support.non_xray import non_xray_images
-from training.data import load_adult_films, load_split, patient_id, validation_split
-from training.population import HELD_OUT_FRACTION, QUANTILE
+from training.data import checkpoint_splits, load_adult_films, patient_id
+from training.population import QUANTILE, gate_sets
 
 
 def placement_errors(index: NeighbourIndex) -> dict[str, float]:
@@ -72,16 +72,11 @@ def main() -> int:
     for name, error in sorted(placement_errors(index).items(), key=lambda item: item[1]):
         print(f"  {name:<26}{error:6.2f}")
 
-    params = predictor.checkpoint.preprocess
-    full = load_split(data_dir(), "train", params, DEFAULT_CACHE_DIR, progress=False)
-    split = predictor.checkpoint.training_data.get("validation_split", {"fraction": 0.15, "seed": 0})
-    _, val_index = validation_split(full.files, full.labels, split["fraction"], split["seed"])
-    test = load_split(data_dir(), "test", params, DEFAULT_CACHE_DIR, progress=False)
-    adult = load_adult_films(adult_data_dir(), params, DEFAULT_CACHE_DIR, progress=False)
-    held = adult.held_out(HELD_OUT_FRACTION)
-    sets = {"validation split": full.images[val_index], "test split": test.images,
-            "adult frontal, held out": adult.films.images[held & (adult.films.labels == 1)],
-            "lateral, held out": adult.films.images[held & (adult.films.labels == 2)],
+    checkpoint = predictor.checkpoint
+    _, val, test = checkpoint_splits(checkpoint.training_data, data_dir(), checkpoint.preprocess, DEFAULT_CACHE_DIR,
+                                     progress=False)
+    adult = load_adult_films(adult_data_dir(), checkpoint.preprocess, DEFAULT_CACHE_DIR, progress=False)
+    sets = {**gate_sets(val, test, adult),
             "non-X-ray images": np.stack([predictor.preprocess(image) for _, image in non_xray_images()])}
     k = 10
     kth = {}
@@ -94,10 +89,10 @@ def main() -> int:
     threshold = np.quantile(kth["validation split"], QUANTILE)
     print(f"distance to the {k}th nearest training film as a gate (threshold: its {QUANTILE:.2%} validation quantile, "
           "each validation film's own point left out; but its patient's other films stay in):")
-    print(f"  {'set':<26}{'gate':>8}{'kNN alone':>11}{'gate + kNN':>12}")
+    print(f"  {'set':<36}{'gate':>8}{'kNN alone':>11}{'gate + kNN':>12}")
     for name in sets:
         alone = kth[name] > threshold
-        print(f"  {name:<26}{gate[name].mean():>8.1%}{alone.mean():>11.1%}{(alone | gate[name]).mean():>12.1%}")
+        print(f"  {name:<36}{gate[name].mean():>8.1%}{alone.mean():>11.1%}{(alone | gate[name]).mean():>12.1%}")
 
     features = predictor.predict_many(test.images[:1]).features[0]
     index.nearest(features, 6)

@@ -149,11 +149,9 @@ def test_the_upload_page_and_the_result_name_the_intended_use(client, uploads, p
 def test_adult_and_lateral_films_of_held_out_patients_are_refused(app, real_adult_data):
     """The gate's figures on the development collection's held-out patients (the issue's goals)."""
     from training.data import load_adult_films
-    from training.population import HELD_OUT_FRACTION
-
     predictor = app.extensions["model"].predictor
     adult = load_adult_films(real_adult_data, predictor.checkpoint.preprocess, None, progress=False)
-    held_out = adult.held_out(HELD_OUT_FRACTION)
+    held_out = adult.held_out()
     out = predictor.predict_many(adult.films.images[held_out])
     kinds = adult.films.labels[held_out]
     flagged = out.ood_scores > 1

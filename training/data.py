@@ -97,6 +97,20 @@ def validation_split(files: list[str], labels: np.ndarray, fraction: float, seed
     return train_index, val_index
 
 
+def checkpoint_splits(training_data: dict, root, params: PreprocessParams, cache_dir, workers: int = 2,
+                      progress: bool = True) -> tuple[Split, Split, Split]:
+    """(train, validation, test) as the checkpoint with this ``training_data`` was fitted and measured.
+
+    The validation split is carved again from ``train/`` by the recorded rule (15% of
+    patients and the run's seed, for checkpoints that predate the record).
+    """
+    rule = training_data.get("validation_split", {"fraction": 0.15, "seed": training_data.get("seed", 0)})
+    full = load_split(root, "train", params, cache_dir, workers, progress=progress)
+    test = load_split(root, "test", params, cache_dir, workers, progress=progress)
+    train_index, val_index = validation_split(full.files, full.labels, rule["fraction"], rule["seed"])
+    return full.subset(train_index), full.subset(val_index), test
+
+
 def load_split(
     root: str | os.PathLike,
     split: str,
@@ -200,6 +214,8 @@ def _preprocess_files(paths: list[str], params: PreprocessParams, workers: int, 
 # ---- adult films, for the population gate ---------------------------------------------
 
 ADULT_KINDS = {"adult": 1, "lateral": 2}  # indices into model.population.KINDS
+#: Share of the adult collection's patients never used for fitting: they report the gate's figures.
+HELD_OUT_FRACTION = 0.4
 
 
 @dataclass
@@ -209,7 +225,7 @@ class AdultFilms:
     films: Split  # labels: 1 adult frontal, 2 lateral view
     patients: np.ndarray  # (N,) str; one patient's films share it
 
-    def held_out(self, fraction: float = 0.4, seed: int = 0) -> np.ndarray:
+    def held_out(self, fraction: float = HELD_OUT_FRACTION, seed: int = 0) -> np.ndarray:
         """Mask of the films of a fixed ``fraction`` of patients, never used for fitting."""
         patients = np.unique(self.patients)
         np.random.default_rng(seed).shuffle(patients)

@@ -37,7 +37,7 @@ from model.settings import (
 from model.store import ModelStore, StoreError
 
 from .augment import augment
-from .data import AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
+from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, checkpoint_splits, load_adult_films
 from .evaluate import evaluate
 from .metrics import format_table
 
@@ -46,7 +46,6 @@ log = logging.getLogger("training")
 CHANNELS = (16, 32, 64, 96)
 #: Children's validation films allowed above the threshold (0.75%).
 QUANTILE = 0.9925
-HELD_OUT_FRACTION = 0.4
 
 
 def fit_population_gate(
@@ -108,9 +107,9 @@ def population_figures(predictor: Predictor, sets: dict[str, np.ndarray]) -> dic
     return figures
 
 
-def gate_sets(val: Split, test: Split, adult: AdultFilms, held_out: np.ndarray) -> dict[str, np.ndarray]:
-    """The sets the issue's table names: adults' and lateral films of held-out patients, test, validation."""
-    kinds = adult.films.labels
+def gate_sets(val: Split, test: Split, adult: AdultFilms) -> dict[str, np.ndarray]:
+    """The sets the gate is judged on: adults' and lateral films of held-out patients, test, validation."""
+    kinds, held_out = adult.films.labels, adult.held_out()
     return {
         "adult frontal, held-out patients": adult.films.images[held_out & (kinds == 1)],
         "lateral, held-out patients": adult.films.images[held_out & (kinds == 2)],
@@ -139,18 +138,13 @@ def main(args) -> int:
     try:
         store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT)
         old = store.load(args.version or store.serving_version())
-        params = old.preprocess
-        full = load_split(args.data, "train", params, args.cache_dir, args.workers)
-        test = load_split(args.data, "test", params, args.cache_dir, args.workers)
-        adult = load_adult_films(args.adult_data, params, args.cache_dir, args.workers)
+        train, val, test = checkpoint_splits(old.training_data, args.data, old.preprocess, args.cache_dir, args.workers)
+        adult = load_adult_films(args.adult_data, old.preprocess, args.cache_dir, args.workers)
     except (DatasetError, StoreError) as exc:
         log.error("%s", exc)
         return 2
     data = old.training_data
-    split_rule = data.get("validation_split", {"fraction": 0.15, "seed": data.get("seed", 0)})
-    train_index, val_index = validation_split(full.files, full.labels, split_rule["fraction"], split_rule["seed"])
-    train, val = full.subset(train_index), full.subset(val_index)
-    held_out = adult.held_out(HELD_OUT_FRACTION)
+    held_out = adult.held_out()
     log.info("fitting the population gate on %d children's films and %d adult/lateral films of %d patients",
              len(train), int((~held_out).sum()), len(np.unique(adult.patients[~held_out])))
     gate = fit_population_gate(train.images, val.images, adult.films.images[~held_out],
@@ -164,7 +158,7 @@ def main(args) -> int:
     checkpoint.version = checkpoint.content_version(created)
     predictor = Predictor(checkpoint)
     checkpoint.metrics = {**old.metrics, "validation": evaluate(predictor, val), "test": evaluate(predictor, test),
-                          "population_gate": population_figures(predictor, gate_sets(val, test, adult, held_out))}
+                          "population_gate": population_figures(predictor, gate_sets(val, test, adult))}
     print(format_table({k: checkpoint.metrics[k] for k in ("validation", "test")}))
     print(format_gate_table(checkpoint.metrics["population_gate"]))
     if args.out:

@@ -50,11 +50,11 @@ from model.store import ModelStore, StoreError
 
 from .augment import augment
 from .calibrate import fit_temperature
-from .data import AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
+from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
 from .evaluate import evaluate
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
 from .ood import fit_gate
-from .population import HELD_OUT_FRACTION, fit_population_gate, format_gate_table, gate_sets, population_figures
+from .population import fit_population_gate, format_gate_table, gate_sets, population_figures
 
 log = logging.getLogger("training")
 
@@ -187,7 +187,7 @@ def fit_population(args, checkpoint: Checkpoint, train: Split, val: Split, param
     except DatasetError as exc:
         log.warning("%s: this model gets no population gate, and the promotion guard will refuse it", exc)
         return None
-    fit = ~adult.held_out(HELD_OUT_FRACTION)
+    fit = ~adult.held_out()
     checkpoint.population_gate = fit_population_gate(
         train.images, val.images, adult.films.images[fit], adult.films.labels[fit],
         epochs=1 if args.dry_run else args.population_epochs, max_batches=DRY_RUN_BATCHES if args.dry_run else None)
@@ -284,8 +284,7 @@ def _run(args, device, store: ModelStore | None) -> int:
     results = {"validation": evaluate(predictor, val), "test": evaluate(predictor, test)}
     checkpoint.metrics = dict(results)
     if adult is not None:
-        held_out = adult.held_out(HELD_OUT_FRACTION)
-        checkpoint.metrics["population_gate"] = population_figures(predictor, gate_sets(val, test, adult, held_out))
+        checkpoint.metrics["population_gate"] = population_figures(predictor, gate_sets(val, test, adult))
     if store is None:
         save_checkpoint(checkpoint, args.out)
         metrics_path = args.out.with_suffix(".metrics.json")
