@@ -1,7 +1,10 @@
 """The clinician's pages: upload, result, batch results, the model card; and the health check."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, url_for
 
@@ -11,6 +14,7 @@ from model.store import StoreError
 from .analysis import THUMBNAIL_URL, bokeh_js_files
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
 from .security import content_security_policy
+from .thumbnails import dataset_file
 from .serving import get_predictor, neighbour_index
 from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
 
@@ -126,7 +130,28 @@ def model_card():
         gate_goals=GATE_GOALS,
         roc_lines={name: roc_polyline(m.get("roc")) for name, m in metrics.items()},
         reliability={name: reliability_bars(m["calibration"]["bins"]) for name, m in metrics.items() if "calibration" in m},
+        alignment=checkpoint.metrics.get("alignment"),
+        aligned_films=aligned_films(get_predictor(), current_app.config["DATASET_DIR"]),
+        robustness=checkpoint.metrics.get("robustness"),
     )
+
+
+@lru_cache(maxsize=1)
+def aligned_films(predictor, dataset_dir: str) -> list[dict] | None:
+    """The test films the spatial transformer moves most, before and after, as inline PNGs.
+
+    Read from the dataset folder (public films, never uploads); None without it. The
+    same for every visit to the card of one model, so kept for the last one asked.
+    """
+    largest = predictor.checkpoint.metrics.get("alignment", {}).get("largest", [])
+    root = Path(dataset_dir)
+    paths = [dataset_file(root, film["file"]) for film in largest]
+    if not largest or any(path is None for path in paths):
+        return None
+    inputs = np.stack([predictor.preprocess(path.read_bytes()) for path in paths])
+    aligned = predictor.predict_many(inputs).aligned
+    return [{**film, "input_uri": png_data_uri(before), "aligned_uri": png_data_uri(after)}
+            for film, before, after in zip(largest, inputs, aligned)]
 
 
 @bp.get("/healthz")

@@ -22,6 +22,8 @@ class NetworkConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     stn_channels: tuple[int, ...] = (8, 16, 32)
     dropout: float = 0.3
+    #: False holds the transform at the identity (the ablation that measures what the STN is worth)
+    stn: bool = True
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -35,6 +37,9 @@ class NetworkConfig:
         data["channels"] = tuple(data["channels"])
         data["stn_channels"] = tuple(data["stn_channels"])
         return cls(**data)
+
+
+IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
 class Inference(NamedTuple):
@@ -107,7 +112,11 @@ class PneumoniaNet(nn.Module):
         return (x - mean) / (std + 1e-5)
 
     def infer(self, x: torch.Tensor) -> Inference:
-        aligned, theta = self.stn(self.standardise(x))
+        if self.config.stn:
+            aligned, theta = self.stn(self.standardise(x))
+        else:
+            aligned = self.standardise(x)
+            theta = IDENTITY.to(x).expand(x.shape[0], 2, 3)
         activation = self.features(aligned)
         features = self.pool(activation)
         logits = self.head(features).squeeze(1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model import CheckpointError, Predictor, load_checkpoint
+from model.alignment import describe
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
 
 from .calibrate import reliability
@@ -49,6 +50,26 @@ def evaluate(predictor: Predictor, split: Split, threshold: float | None = None)
     if out.ood_scores is not None:
         metrics["ood_flagged"] = float(np.mean(out.ood_scores > 1))
     return metrics
+
+
+def alignment_summary(predictor: Predictor, split: Split, shown: int = 8) -> dict:
+    """What the spatial transformer does on ``split``: typical rotation, zoom and shift, and
+    the ``shown`` films it moves most (by file, for the model card's before/after grid)."""
+    theta = predictor.predict_many(split.images).theta
+    moves = [describe(t) for t in theta]
+    angle = np.abs([m.angle_deg for m in moves])
+    zoom = np.array([m.zoom for m in moves])
+    shift = np.hypot([m.shift_x for m in moves], [m.shift_y for m in moves])
+    movement = np.array([m.movement for m in moves])
+    largest = np.argsort(-movement, kind="stable")[:shown]
+    return {
+        "films": len(moves),
+        "median": {"abs_angle_deg": float(np.median(angle)), "zoom": float(np.median(zoom)),
+                   "shift": float(np.median(shift)), "movement": float(np.median(movement))},
+        "p95": {"abs_angle_deg": float(np.percentile(angle, 95)), "zoom_deviation": float(np.percentile(np.abs(zoom - 1), 95)),
+                "shift": float(np.percentile(shift, 95)), "movement": float(np.percentile(movement, 95))},
+        "largest": [{"file": split.files[i], "label": int(split.labels[i]), **moves[i].to_dict()} for i in largest],
+    }
 
 
 def main(args) -> int:

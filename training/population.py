@@ -9,6 +9,7 @@ from) matter less than anatomy. The threshold is a high quantile of the validati
 split's scores: chosen on children's validation films, never on the test split.
 
     python -m training.population --version VERSION   # refit on a stored model: a new candidate
+    python -m training.population --checkpoint FILE   # the same for a file from training.train --out
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model import Predictor, save_checkpoint
+from model import CheckpointError, Predictor, load_checkpoint, save_checkpoint
 from model.population import KINDS, PopulationGate, PopulationNet
 from model.settings import (
     DEFAULT_CACHE_DIR,
@@ -38,8 +39,9 @@ from model.store import ModelStore, StoreError
 
 from .augment import augment
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, checkpoint_splits, load_adult_films
-from .evaluate import evaluate
+from .evaluate import alignment_summary, evaluate
 from .metrics import format_table
+from .robustness import robustness
 
 log = logging.getLogger("training")
 
@@ -122,6 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=model_store_dir())
     parser.add_argument("--version", default=None, help="stored model to refit (default: the serving one)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="refit a checkpoint file instead (one written by training.train --out)")
     parser.add_argument("--data", type=Path, default=data_dir())
     parser.add_argument("--adult-data", type=Path, default=adult_data_dir())
     parser.add_argument("--epochs", type=int, default=15)
@@ -137,10 +141,10 @@ def main(args) -> int:
     store = ModelStore(args.store)
     try:
         store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT)
-        old = store.load(args.version or store.serving_version())
+        old = load_checkpoint(args.checkpoint) if args.checkpoint else store.load(args.version or store.serving_version())
         train, val, test = checkpoint_splits(old.training_data, args.data, old.preprocess, args.cache_dir, args.workers)
         adult = load_adult_films(args.adult_data, old.preprocess, args.cache_dir, args.workers)
-    except (DatasetError, StoreError) as exc:
+    except (CheckpointError, DatasetError, StoreError) as exc:
         log.error("%s", exc)
         return 2
     data = old.training_data
@@ -158,7 +162,9 @@ def main(args) -> int:
     checkpoint.version = checkpoint.content_version(created)
     predictor = Predictor(checkpoint)
     checkpoint.metrics = {**old.metrics, "validation": evaluate(predictor, val), "test": evaluate(predictor, test),
-                          "population_gate": population_figures(predictor, gate_sets(val, test, adult))}
+                          "population_gate": population_figures(predictor, gate_sets(val, test, adult)),
+                          "alignment": alignment_summary(predictor, test),
+                          "robustness": robustness(predictor.model, test.images, test.labels)}
     print(format_table({k: checkpoint.metrics[k] for k in ("validation", "test")}))
     print(format_gate_table(checkpoint.metrics["population_gate"]))
     if args.out:

@@ -51,10 +51,11 @@ from model.store import ModelStore, StoreError
 from .augment import augment
 from .calibrate import fit_temperature
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
-from .evaluate import evaluate
+from .evaluate import alignment_summary, evaluate
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
 from .ood import fit_gate
 from .population import fit_population_gate, format_gate_table, gate_sets, population_figures
+from .robustness import robustness
 
 log = logging.getLogger("training")
 
@@ -80,6 +81,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="best: the epoch with the best validation AUC; average: the mean weights of the "
                              "last --average-epochs epochs (batch-norm statistics recomputed)")
     parser.add_argument("--average-epochs", type=int, default=5)
+    parser.add_argument("--mixup", type=float, default=0.0,
+                        help="mixup's Beta(a, a) parameter (0: off): mixes pairs of films and their labels")
+    parser.add_argument("--augment-strength", type=float, default=1.0, help="scales every augmentation's range")
+    parser.add_argument("--no-stn", dest="stn", action="store_false",
+                        help="hold the spatial transform at the identity (ablation)")
     parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
     parser.add_argument("--geometry", choices=("squash", "center_crop"), default=PreprocessParams().geometry)
     parser.add_argument("--equalize", choices=("none", "hist", "clahe"), default=PreprocessParams().equalize)
@@ -106,8 +112,10 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
             continue
-        x = augment(images[index], generator).to(device)
+        x = augment(images[index], generator, args.augment_strength).to(device)
         y = labels[index].to(device)
+        if args.mixup > 0:
+            x, y = mixup(x, y, args.mixup, generator)
         loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pos_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,12 +128,20 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
     return total / max(count, 1)
 
 
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator):
+    """Blend each film with another of the batch, labels alike (Zhang et al. 2018): softer decision edges."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # global RNG, seeded per member
+    lam = max(lam, 1 - lam)  # the first film dominates
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+
 def train_member(args, member: int, train: Split, val: Split, device) -> tuple[PneumoniaNet, dict]:
     """Train one network; keep the epoch with the best validation AUC, or average the last epochs."""
     seed = args.seed + 1000 * member
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1])).to(device)
+    model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1], stn=args.stn)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = -(-len(train) // args.batch_size)
     if args.dry_run:
@@ -273,6 +289,8 @@ def _run(args, device, store: ModelStore | None) -> int:
             "epochs": args.epochs,
             "members": member_logs,
             "seed": args.seed,
+            "recipe": {"select": args.select, "average_epochs": args.average_epochs, "mixup": args.mixup,
+                       "augment_strength": args.augment_strength, "stn": args.stn, "lr": args.lr},
             "dry_run": bool(args.dry_run),
         },
         calibration=calibration,
@@ -283,6 +301,8 @@ def _run(args, device, store: ModelStore | None) -> int:
     predictor = Predictor(checkpoint)
     results = {"validation": evaluate(predictor, val), "test": evaluate(predictor, test)}
     checkpoint.metrics = dict(results)
+    checkpoint.metrics["alignment"] = alignment_summary(predictor, test)
+    checkpoint.metrics["robustness"] = robustness(predictor.model, test.images, test.labels)
     if adult is not None:
         checkpoint.metrics["population_gate"] = population_figures(predictor, gate_sets(val, test, adult))
     if store is None:

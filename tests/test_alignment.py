@@ -1,0 +1,139 @@
+"""The spatial transformer's measured worth: its transform in words, the identity ablation,
+the perturbed test films, and the model card's before/after grid."""
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from app import create_app
+from model import NetworkConfig, PneumoniaNet, load_checkpoint
+from model.alignment import describe
+from training import robustness, train
+from training.robustness import perturb
+
+
+def sample(image: np.ndarray, theta) -> np.ndarray:
+    """What the network's grid_sample makes of ``image`` under ``theta``."""
+    x = torch.from_numpy(image)[None, None]
+    grid = F.affine_grid(torch.tensor(theta, dtype=torch.float32)[None], [1, 1, *image.shape], align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)[0, 0].numpy()
+
+
+@pytest.fixture
+def picture() -> np.ndarray:
+    image = np.zeros((64, 64), np.float32)
+    image[10:20, 30:50] = 1
+    image[40:60, 5:12] = 0.5
+    return image
+
+
+@pytest.mark.parametrize("angle", [10.0, -15.0])
+def test_rotation_is_reported_as_it_looks_on_screen(picture, angle):
+    """A theta that turns the film as OpenCV turns it anticlockwise by ``angle`` reads ``angle``."""
+    screen = cv2.warpAffine(picture, cv2.getRotationMatrix2D((31.5, 31.5), angle, 1.0), (64, 64))
+    r = np.radians(angle)
+    theta = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0]])
+    assert np.abs(sample(picture, theta) - screen).mean() < 1e-3
+    move = describe(theta)
+    assert move.angle_deg == pytest.approx(angle) and move.zoom == pytest.approx(1)
+    assert move.shift_x == pytest.approx(0, abs=1e-9) and move.movement > 0
+
+
+def test_zoom_and_shift_are_what_happens_to_the_film(picture):
+    theta = np.array([[0.8, 0, 0.2], [0, 0.8, 0]])  # reads a smaller window, right of centre
+    move = describe(theta)
+    assert move.zoom == pytest.approx(1.25) and move.angle_deg == pytest.approx(0)
+    assert move.shift_x == pytest.approx(-0.125) and move.shift_y == pytest.approx(0)
+    # The bright block (centre x = 39.5 px) lands where the shift and zoom say.
+    ys, xs = np.nonzero(sample(picture, theta) > 0.9)
+    expected = 31.5 + 64 * (move.shift_x + move.zoom * (39.5 - 31.5) / 64)
+    assert xs.mean() == pytest.approx(expected, abs=0.6)
+
+
+def test_identity_moves_nothing():
+    move = describe(np.array([[1.0, 0, 0], [0, 1.0, 0]]))
+    assert move.movement == 0 and move.zoom == 1 and move.angle_deg == 0
+
+
+def test_held_at_identity_the_network_sees_the_standardised_film():
+    torch.manual_seed(0)
+    net = PneumoniaNet(NetworkConfig(stn=False)).eval()
+    x = torch.rand(3, 1, 64, 64)
+    out = net.infer(x)
+    assert torch.equal(out.theta, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(3, 2, 3))
+    assert torch.allclose(out.aligned, PneumoniaNet.standardise(x))
+    net.train()
+    net(x).sum().backward()
+    assert all(p.grad is None for p in net.stn.parameters())  # nothing in it is trained
+    assert NetworkConfig.from_dict(NetworkConfig(stn=False).to_dict()).stn is False
+    assert NetworkConfig.from_dict({k: v for k, v in NetworkConfig().to_dict().items() if k != "stn"}).stn is True
+
+
+def test_perturbations_move_the_film_as_named(picture):
+    images = picture[None]
+    assert np.array_equal(perturb(images, 0.0, (0.0, 0.0), 1.0), images)
+    shifted = perturb(images, 0.0, (0.125, 0.0), 1.0)[0]  # 8 px right
+    assert np.nonzero(shifted > 0.9)[1].mean() == pytest.approx(39.5 + 8)
+    turned = perturb(images, 15.0, (0.0, 0.0), 1.0)[0]
+    screen = cv2.warpAffine(picture, cv2.getRotationMatrix2D((31.5, 31.5), 15.0, 1.0), (64, 64),
+                            borderMode=cv2.BORDER_REPLICATE)
+    assert np.allclose(turned, screen)
+
+
+@pytest.fixture
+def ablation_run(tiny_dataset, tmp_path):
+    """A dry run with the transform held at identity, and one with the STN."""
+    paths = {}
+    for name, extra in (("stn", []), ("identity", ["--no-stn"])):
+        paths[name] = tmp_path / f"{name}.pt"
+        args = ["--data", str(tiny_dataset), "--out", str(paths[name]), "--epochs", "1", "--dry-run",
+                "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--adult-data", str(tmp_path / "none"), *extra]
+        assert train.main(train.get_args_parser().parse_args(args)) == 0
+    return tiny_dataset, paths
+
+
+def test_training_records_alignment_and_robustness_and_the_ablation_flag(ablation_run):
+    _, paths = ablation_run
+    stn, identity = load_checkpoint(paths["stn"]), load_checkpoint(paths["identity"])
+    assert stn.network.stn and not identity.network.stn
+    assert identity.training_data["recipe"]["stn"] is False
+    assert set(stn.metrics["robustness"]) == set(robustness.PERTURBATIONS)
+    alignment = stn.metrics["alignment"]
+    assert alignment["films"] == stn.training_data["test"]["images"] and len(alignment["largest"]) == 8
+    moves = [film["movement"] for film in alignment["largest"]]
+    assert moves == sorted(moves, reverse=True)
+    assert all(film["movement"] == 0 for film in identity.metrics["alignment"]["largest"])
+
+
+def test_robustness_prints_a_table_for_both_arms(ablation_run, tmp_path, capsys):
+    data, paths = ablation_run
+    out = tmp_path / "figures.json"
+    args = ["--checkpoint", str(paths["stn"]), str(paths["identity"]), "--data", str(data),
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert robustness.main(robustness.get_args_parser().parse_args(args)) == 0
+    printed = capsys.readouterr().out
+    assert "| rotated -15° |" in printed and "| stn | identity |" in printed
+    assert out.exists()
+
+
+def test_model_card_shows_the_films_moved_most_before_and_after(ablation_run):
+    data, paths = ablation_run
+    checkpoint = load_checkpoint(paths["stn"])
+    html = create_app({"TESTING": True, "SECRET_KEY": "t", "CHECKPOINT_PATH": str(paths["stn"]),
+                       "DATASET_DIR": str(data)}).test_client().get("/model").get_data(as_text=True)
+    assert 'id="alignment-grid"' in html
+    assert html.count("before alignment\"") == 8 and html.count("after alignment\"") == 8
+    assert html.count("data:image/png;base64,") >= 16
+    assert 'id="robustness-table"' in html and "rotated +15°" in html
+    first = checkpoint.metrics["alignment"]["largest"][0]
+    assert f"{first['angle_deg']:+.1f}°" in html
+
+
+def test_model_card_without_the_dataset_lists_the_films_and_says_why(ablation_run, tmp_path):
+    _, paths = ablation_run
+    html = create_app({"TESTING": True, "SECRET_KEY": "t", "CHECKPOINT_PATH": str(paths["stn"]),
+                       "DATASET_DIR": str(tmp_path / "absent")}).test_client().get("/model").get_data(as_text=True)
+    assert 'id="alignment-grid"' not in html and 'id="alignment-table"' in html
+    assert "pictures need the dataset folder" in html
+    assert load_checkpoint(paths["stn"]).metrics["alignment"]["largest"][0]["file"] in html
