@@ -137,3 +137,21 @@ def test_model_card_without_the_dataset_lists_the_films_and_says_why(ablation_ru
     assert 'id="alignment-grid"' not in html and 'id="alignment-table"' in html
     assert "pictures need the dataset folder" in html
     assert load_checkpoint(paths["stn"]).metrics["alignment"]["largest"][0]["file"] in html
+
+
+def test_the_transformer_learns_at_its_own_rate(tiny_dataset, tmp_path):
+    """--stn-lr-scale 0 leaves the spatial transformer as initialised while the CNN learns."""
+    out = tmp_path / "frozen.pt"
+    args = ["--data", str(tiny_dataset), "--out", str(out), "--epochs", "2", "--dry-run", "--workers", "1",
+            "--adult-data", str(tmp_path / "none"), "--stn-lr-scale", "0"]
+    assert train.main(train.get_args_parser().parse_args(args)) == 0
+    trained = load_checkpoint(out)
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    initial = PneumoniaNet(NetworkConfig()).state_dict()
+    state = trained.state_dicts[0]
+    stn = [k for k in state if k.startswith("stn.")]
+    assert stn and all(torch.equal(state[k], initial[k]) for k in stn)
+    assert not torch.equal(state["features.0.0.weight"], initial["features.0.0.weight"])
+    member = trained.training_data["members"][0]
+    assert trained.training_data["recipe"]["stn_lr_scale"] == 0
+    assert member["stn_theta_spread"] == pytest.approx(0, abs=1e-6)  # identity for every film

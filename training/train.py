@@ -84,6 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixup", type=float, default=0.0,
                         help="mixup's Beta(a, a) parameter (0: off): mixes pairs of films and their labels")
     parser.add_argument("--augment-strength", type=float, default=1.0, help="scales every augmentation's range")
+    parser.add_argument("--stn-lr-scale", type=float, default=1.0,
+                        help="the spatial transformer's learning rate as a share of --lr")
     parser.add_argument("--no-stn", dest="stn", action="store_false",
                         help="hold the spatial transform at the identity (ablation)")
     parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
@@ -142,12 +144,16 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1], stn=args.stn)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    stn = list(model.stn.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in stn)]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": args.lr},
+                                   {"params": stn, "lr": args.lr * args.stn_lr_scale}],
+                                  lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = -(-len(train) // args.batch_size)
     if args.dry_run:
         steps_per_epoch = min(steps_per_epoch, DRY_RUN_BATCHES)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.2
+        optimizer, max_lr=[args.lr, args.lr * args.stn_lr_scale], epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.2
     )
     positives = float(train.labels.sum())
     pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
@@ -175,14 +181,24 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     info = {"seed": seed, "best_epoch": best_epoch, "best_val_auc": best_auc, "history": history, "select": args.select}
     if averaged is None:
         model.load_state_dict(best_state)
-        return model.cpu().eval(), info
+        return model.cpu().eval(), stn_spread(model, val, info)
     images = torch.from_numpy(train.images).unsqueeze(1)
     batches = [images[i : i + 256].to(device) for i in range(0, len(images), 256)]
     torch.optim.swa_utils.update_bn(batches, averaged)  # the averaged weights need their own BN statistics
     model.load_state_dict(averaged.module.state_dict())
     info["averaged_epochs"] = min(args.average_epochs, args.epochs)
     info["averaged_val_auc"] = roc_auc(val.labels, infer_batches(model, val.images, device=device).logits)
-    return model.cpu().eval(), info
+    return model.cpu().eval(), stn_spread(model.cpu(), val, info)
+
+
+def stn_spread(model: PneumoniaNet, val: Split, info: dict) -> dict:
+    """Record how much the transform varies between validation films: near 0 means the
+    spatial transformer applies one fixed warp to every film (its localisation net died)."""
+    theta = infer_batches(model, val.images).theta.reshape(len(val), -1)
+    info["stn_theta_spread"] = float(theta.std(axis=0).mean()) if len(theta) > 1 else 0.0
+    log.info("spatial transformer: transform parameters vary by %.4f (mean std) between validation films",
+             info["stn_theta_spread"])
+    return info
 
 
 def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensitivity: float):
@@ -290,7 +306,8 @@ def _run(args, device, store: ModelStore | None) -> int:
             "members": member_logs,
             "seed": args.seed,
             "recipe": {"select": args.select, "average_epochs": args.average_epochs, "mixup": args.mixup,
-                       "augment_strength": args.augment_strength, "stn": args.stn, "lr": args.lr},
+                       "augment_strength": args.augment_strength, "stn": args.stn, "lr": args.lr,
+                       "stn_lr_scale": args.stn_lr_scale},
             "dry_run": bool(args.dry_run),
         },
         calibration=calibration,
