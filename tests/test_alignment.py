@@ -104,6 +104,7 @@ def test_training_records_alignment_and_robustness_and_the_ablation_flag(ablatio
     moves = [film["movement"] for film in alignment["largest"]]
     assert moves == sorted(moves, reverse=True)
     assert all(film["movement"] == 0 for film in identity.metrics["alignment"]["largest"])
+    assert identity.metrics["alignment"]["movement_std"] == 0
 
 
 def test_robustness_prints_a_table_for_both_arms(ablation_run, tmp_path, capsys):
@@ -135,6 +136,13 @@ def test_model_card_without_the_dataset_lists_the_films_and_says_why(ablation_ru
     html = create_app({"TESTING": True, "SECRET_KEY": "t", "CHECKPOINT_PATH": str(paths["stn"]),
                        "DATASET_DIR": str(tmp_path / "absent")}).test_client().get("/model").get_data(as_text=True)
     assert 'id="alignment-grid"' not in html and 'id="alignment-table"' in html
+
+
+def test_model_card_says_when_every_film_gets_the_same_warp(ablation_run):
+    _, paths = ablation_run
+    html = create_app({"TESTING": True, "SECRET_KEY": "t", "CHECKPOINT_PATH": str(paths["identity"])}
+                      ).test_client().get("/model").get_data(as_text=True)
+    assert 'id="fixed-warp"' in html and "same warp to every film" in html
     assert "pictures need the dataset folder" in html
     assert load_checkpoint(paths["stn"]).metrics["alignment"]["largest"][0]["file"] in html
 
