@@ -128,6 +128,8 @@ def test_threshold_meets_the_target_sensitivity():
     assert metrics["sensitivity"] >= 0.98
     assert binary_metrics(labels, probs, threshold + 1e-3)["sensitivity"] < 0.98  # the highest such threshold
     assert metrics["confusion"]["tp"] + metrics["confusion"]["fn"] == 200
+    # the same films scored a little lower elsewhere (another memory layout or CPU) are still caught
+    assert binary_metrics(labels, probs - 7e-7, threshold)["sensitivity"] >= 0.98
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path, caplog, monkeypatch):

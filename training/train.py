@@ -77,15 +77,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of train/ patients held out")
-    parser.add_argument("--select", choices=("best", "average"), default="best",
+    parser.add_argument("--select", choices=("best", "average"), default="average",
                         help="best: the epoch with the best validation AUC; average: the mean weights of the "
                              "last --average-epochs epochs (batch-norm statistics recomputed)")
     parser.add_argument("--average-epochs", type=int, default=5)
     parser.add_argument("--mixup", type=float, default=0.0,
                         help="mixup's Beta(a, a) parameter (0: off): mixes pairs of films and their labels")
     parser.add_argument("--augment-strength", type=float, default=1.0, help="scales every augmentation's range")
-    parser.add_argument("--stn-lr-scale", type=float, default=1.0,
-                        help="the spatial transformer's learning rate as a share of --lr")
+    parser.add_argument("--stn-lr-scale", type=float, default=0.1,
+                        help="the spatial transformer's learning rate as a share of --lr (at 1 its "
+                             "localisation net died in every run measured: one fixed warp for all films)")
     parser.add_argument("--no-stn", dest="stn", action="store_false",
                         help="hold the spatial transform at the identity (ablation)")
     parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
@@ -281,7 +282,9 @@ def _run(args, device, store: ModelStore | None) -> int:
         net, info = train_member(args, member, train, val, device)
         members.append(net)
         member_logs.append(info)
-    calibration, gate, threshold = fit_operating_point(Ensemble(members).eval(), train, val, args.target_sensitivity)
+    # The operating point is fitted on the network as it will serve (channels-last, as ``Checkpoint.model``).
+    served = Ensemble(members).eval().to(memory_format=torch.channels_last)
+    calibration, gate, threshold = fit_operating_point(served, train, val, args.target_sensitivity)
     state_dicts = [m.state_dict() for m in members]
     created = dt.datetime.now(dt.timezone.utc)
     checkpoint = Checkpoint(
