@@ -5,7 +5,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, url_for
 
 from model.neighbours import COUNT_K
@@ -14,8 +13,8 @@ from model.store import StoreError
 from .analysis import THUMBNAIL_URL, bokeh_js_files
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
 from .security import content_security_policy
-from .thumbnails import dataset_file
 from .serving import get_predictor, neighbour_index
+from .thumbnails import dataset_file
 from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
 
 bp = Blueprint("pages", __name__)

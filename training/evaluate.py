@@ -66,7 +66,8 @@ def alignment_summary(predictor: Predictor, split: Split, shown: int = 8) -> dic
         "films": len(moves),
         "median": {"abs_angle_deg": float(np.median(angle)), "zoom": float(np.median(zoom)),
                    "shift": float(np.median(shift)), "movement": float(np.median(movement))},
-        "p95": {"abs_angle_deg": float(np.percentile(angle, 95)), "zoom_deviation": float(np.percentile(np.abs(zoom - 1), 95)),
+        "p95": {"abs_angle_deg": float(np.percentile(angle, 95)),
+                "zoom_deviation": float(np.percentile(np.abs(zoom - 1), 95)),
                 "shift": float(np.percentile(shift, 95)), "movement": float(np.percentile(movement, 95))},
         #: below about 0.001 every film gets the same warp: the transformer does not align films one by one
         "movement_std": float(np.std(movement)),

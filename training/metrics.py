@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-
 #: The threshold sits this far below the score of the last positive it must catch: the
 #: same film scores up to 7e-7 differently in another memory layout or on another CPU,
 #: which put a shipped threshold 3e-8 above the film it was chosen for.

@@ -141,7 +141,10 @@ def main(args) -> int:
     store = ModelStore(args.store)
     try:
         store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT)
-        old = load_checkpoint(args.checkpoint) if args.checkpoint else store.load(args.version or store.serving_version())
+        if args.checkpoint:
+            old = load_checkpoint(args.checkpoint)
+        else:
+            old = store.load(args.version or store.serving_version())
         train, val, test = checkpoint_splits(old.training_data, args.data, old.preprocess, args.cache_dir, args.workers)
         adult = load_adult_films(args.adult_data, old.preprocess, args.cache_dir, args.workers)
     except (CheckpointError, DatasetError, StoreError) as exc:

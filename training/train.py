@@ -154,7 +154,8 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     if args.dry_run:
         steps_per_epoch = min(steps_per_epoch, DRY_RUN_BATCHES)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[args.lr, args.lr * args.stn_lr_scale], epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.2
+        optimizer, max_lr=[args.lr, args.lr * args.stn_lr_scale], epochs=args.epochs,
+        steps_per_epoch=steps_per_epoch, pct_start=0.2
     )
     positives = float(train.labels.sum())
     pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
