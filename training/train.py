@@ -145,8 +145,8 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1], stn=args.stn)).to(device)
-    stn = list(model.stn.parameters())
-    rest = [p for p in model.parameters() if all(p is not q for q in stn)]
+    stn = [p for name, p in model.named_parameters() if name.startswith("stn.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("stn.")]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": args.lr},
                                    {"params": stn, "lr": args.lr * args.stn_lr_scale}],
                                   lr=args.lr, weight_decay=args.weight_decay)
