@@ -24,6 +24,7 @@ from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
 from .calibrate import reliability
 from .data import DatasetError, Split, load_split
 from .metrics import binary_metrics, format_table
+from .robustness import robustness
 
 log = logging.getLogger("training")
 
@@ -73,6 +74,12 @@ def alignment_summary(predictor: Predictor, split: Split, shown: int = 8) -> dic
         "movement_std": float(np.std(movement)),
         "largest": [{"file": split.files[i], "label": int(split.labels[i]), **moves[i].to_dict()} for i in largest],
     }
+
+
+def transformer_figures(predictor: Predictor, test: Split) -> dict:
+    """The checkpoint's record of what its spatial transformer does and what a skewed film costs it."""
+    return {"alignment": alignment_summary(predictor, test),
+            "robustness": robustness(predictor.model, test.images, test.labels)}
 
 
 def main(args) -> int:

@@ -39,9 +39,8 @@ from model.store import ModelStore, StoreError
 
 from .augment import augment
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, checkpoint_splits, load_adult_films
-from .evaluate import alignment_summary, evaluate
+from .evaluate import evaluate, transformer_figures
 from .metrics import format_table
-from .robustness import robustness
 
 log = logging.getLogger("training")
 
@@ -166,8 +165,7 @@ def main(args) -> int:
     predictor = Predictor(checkpoint)
     checkpoint.metrics = {**old.metrics, "validation": evaluate(predictor, val), "test": evaluate(predictor, test),
                           "population_gate": population_figures(predictor, gate_sets(val, test, adult)),
-                          "alignment": alignment_summary(predictor, test),
-                          "robustness": robustness(predictor.model, test.images, test.labels)}
+                          **transformer_figures(predictor, test)}
     print(format_table({k: checkpoint.metrics[k] for k in ("validation", "test")}))
     print(format_gate_table(checkpoint.metrics["population_gate"]))
     if args.out:

@@ -51,11 +51,10 @@ from model.store import ModelStore, StoreError
 from .augment import augment
 from .calibrate import fit_temperature
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
-from .evaluate import alignment_summary, evaluate
+from .evaluate import evaluate, transformer_figures
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
 from .ood import fit_gate
 from .population import fit_population_gate, format_gate_table, gate_sets, population_figures
-from .robustness import robustness
 
 log = logging.getLogger("training")
 
@@ -322,8 +321,7 @@ def _run(args, device, store: ModelStore | None) -> int:
     predictor = Predictor(checkpoint)
     results = {"validation": evaluate(predictor, val), "test": evaluate(predictor, test)}
     checkpoint.metrics = dict(results)
-    checkpoint.metrics["alignment"] = alignment_summary(predictor, test)
-    checkpoint.metrics["robustness"] = robustness(predictor.model, test.images, test.labels)
+    checkpoint.metrics.update(transformer_figures(predictor, test))
     if adult is not None:
         checkpoint.metrics["population_gate"] = population_figures(predictor, gate_sets(val, test, adult))
     if store is None:
