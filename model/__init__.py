@@ -9,7 +9,7 @@ Imports run one way, from the leaves up:
 from .checkpoint import CLASS_NAMES, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .decode import DecodeLimits, decode_image
 from .errors import ImageError, ImageTooLargeError, InvalidImageError, UnsupportedImageError
-from .network import Ensemble, Inference, NetworkConfig, PneumoniaNet
+from .network import Ensemble, Inference, NetworkConfig, PneumoniaNet, for_inference
 from .predictor import BatchOutput, NetworkOutput, Prediction, Predictor, calibrate, infer_batches
 from .preprocess import PreprocessParams, preprocess
 from .tsne_map import TsneMap, TsneMapError
@@ -18,5 +18,5 @@ __all__ = [
     "CLASS_NAMES", "BatchOutput", "Checkpoint", "CheckpointError", "DecodeLimits", "Ensemble", "ImageError",
     "ImageTooLargeError", "Inference", "InvalidImageError", "NetworkConfig", "NetworkOutput", "PneumoniaNet",
     "Prediction", "Predictor", "PreprocessParams", "TsneMap", "TsneMapError", "UnsupportedImageError",
-    "calibrate", "decode_image", "infer_batches", "load_checkpoint", "preprocess", "save_checkpoint",
+    "calibrate", "decode_image", "for_inference", "infer_batches", "load_checkpoint", "preprocess", "save_checkpoint",
 ]

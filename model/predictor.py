@@ -131,18 +131,13 @@ class Predictor:
 
         ``age_years``: the patient's age as the person knows it. A film outside the
         intended use (by its DICOM header, that age or its pixels) gets its reasons and
-        no label. With ``saliency`` the one forward pass runs with gradients, and the
-        Grad-CAM map comes from its activations.
+        no label. With ``saliency`` the Grad-CAM map comes from the same forward pass.
         """
         model_input, facts = self._prepare(image, age_years)
-        heat = None
-        if saliency:
-            with torch.enable_grad():
-                out = self.model.infer(torch.from_numpy(model_input[None, None]))
-                heat = grad_cam(out, model_input.shape[-1])[0]
-            raw = NetworkOutput.of(out)
-        else:
-            raw = infer_batches(self.model, model_input[None])
+        with torch.inference_mode():
+            out = self.model.infer(torch.from_numpy(model_input[None, None]))
+        heat = grad_cam(self.model, out, model_input.shape[-1])[0] if saliency else None
+        raw = NetworkOutput.of(out)
         return self._assemble(self._finish(raw, model_input[None]), 0, model_input, facts, age_years, heat)
 
     def predict_files(self, files: list[bytes], age_years: float | None = None) -> list[Prediction | ImageError]:

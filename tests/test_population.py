@@ -1,9 +1,10 @@
 """The intended use, enforced: DICOM header, the age a person gives, and the pixels."""
 import numpy as np
 import pytest
+import torch
 
 from model.film_facts import FilmFacts, age_from_dates, parse_dicom_age
-from model.population import IntendedUse, metadata_reasons
+from model.population import IntendedUse, PopulationGate, PopulationNet, metadata_reasons
 from tests.support.client import Uploads
 from tests.support.dicom_files import make_dicom, twelve_bit
 from tests.support.images import encode, synthetic_xray
@@ -184,3 +185,27 @@ def test_old_checkpoints_without_a_population_gate_still_refuse_by_metadata(tmp_
     client = make_app(CHECKPOINT_PATH=str(tmp_path / "old.pt")).test_client()
     body = Uploads(client).api(encode(synthetic_xray(400, 320), ".png"), age_years="30").get_json()
     assert "age" in [r["check"] for r in body["population_reasons"]] and body["label"] is None
+
+
+def test_the_gate_runs_its_members_as_one_network_with_the_same_answers():
+    """``StackedPopulationNets`` (grouped convolutions, BatchNorm folded) against each member run alone."""
+    torch.manual_seed(0)
+    members = []
+    for _ in range(3):
+        net = PopulationNet((8, 16, 16, 24))
+        with torch.no_grad():
+            for module in net.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 2.0)
+                    module.bias.uniform_(-0.2, 0.2)
+        members.append(net.eval())
+    gate = PopulationGate((8, 16, 16, 24), [m.state_dict() for m in members], threshold=0.5)
+    x = np.random.default_rng(0).random((5, 64, 64), dtype=np.float32)
+    with torch.inference_mode():
+        inputs = torch.from_numpy(x).unsqueeze(1)
+        each = torch.stack([m(inputs) for m in members], dim=1)  # (N, members, kinds)
+        torch.testing.assert_close(gate.stacked(inputs), each, rtol=1e-4, atol=1e-5)
+        expected = torch.softmax(each, dim=2).mean(dim=1).numpy()
+    np.testing.assert_allclose(gate.probabilities(x), expected, atol=1e-6)
+    np.testing.assert_allclose(gate.probabilities(x[2:3]), expected[2:3], atol=1e-6)  # one image alone

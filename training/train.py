@@ -34,6 +34,7 @@ from model import (
     Predictor,
     PreprocessParams,
     calibrate,
+    for_inference,
     infer_batches,
     save_checkpoint,
 )
@@ -282,8 +283,8 @@ def _run(args, device, store: ModelStore | None) -> int:
         net, info = train_member(args, member, train, val, device)
         members.append(net)
         member_logs.append(info)
-    # The operating point is fitted on the network as it will serve (channels-last, as ``Checkpoint.model``).
-    served = Ensemble(members).eval().to(memory_format=torch.channels_last)
+    # The operating point is fitted on the network as it will serve (``Checkpoint.model``).
+    served = for_inference(Ensemble(members))
     calibration, gate, threshold = fit_operating_point(served, train, val, args.target_sensitivity)
     state_dicts = [m.state_dict() for m in members]
     created = dt.datetime.now(dt.timezone.utc)
