@@ -51,7 +51,7 @@ def predict():
         percent=100 * prediction.probability,
         input_uri=png_data_uri(prediction.model_input),
         aligned_uri=png_data_uri(prediction.aligned),
-        saliency_uri=png_bytes_data_uri(saliency_png(prediction.aligned, prediction.saliency, side=128)),
+        saliency_uri=png_bytes_data_uri(saliency_png(prediction.aligned, prediction.saliency, side=64)),
         model=predictor.checkpoint,
         test_metrics=predictor.checkpoint.metrics.get("test", {}),
         similar=similar,

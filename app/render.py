@@ -23,8 +23,9 @@ def roc_polyline(roc: dict | None, size: int = 240) -> str:
 def saliency_png(gray: np.ndarray, heat: np.ndarray, side: int = 256) -> bytes:
     """The heat map (0..1) in a red-yellow colour map over the gray image, as PNG bytes.
 
-    The page asks for 128 px and lets the browser scale it: the input is 64 px and the
-    map 8 px, so nothing is lost, and the PNG costs a quarter of the 256 px one.
+    The page asks for 64 px, the film's own size, and lets the browser scale it as it
+    does the input and aligned films beside it: the map is 8 px, so nothing is lost,
+    and the colour PNG costs 0.2 ms instead of 0.7 ms at 128 px (2.5 ms at 256 px).
     """
     base = cv2.resize(np.clip(gray, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_NEAREST)
     heat = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
