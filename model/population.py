@@ -98,11 +98,16 @@ IMAGE_MESSAGES = {
 
 
 class PopulationNet(nn.Module):
-    """64x64 input (the model input) -> logits over ``KINDS``. Small: it runs on every upload."""
+    """64x64 input (the model input) -> logits over ``KINDS``. Small: it runs on every upload.
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96), dropout: float = 0.2):
+    ``input_pool``: average the input over k x k pixels first (2: a 32 px picture, a
+    quarter of the arithmetic; age and view show in the whole body's shape).
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96), dropout: float = 0.2, input_pool: int = 1):
         super().__init__()
-        layers, cin = [], 1
+        layers: list[nn.Module] = [nn.AvgPool2d(input_pool)] if input_pool > 1 else []
+        cin = 1
         for cout in channels:
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]
@@ -136,8 +141,8 @@ class StackedPopulationNets(nn.Module):
         for i, module in enumerate(members[0].body):
             if isinstance(module, nn.Conv2d):
                 fused = [fuse_conv_bn_eval(m.body[i], m.body[i + 1]) for m in members]
-                conv = nn.Conv2d(module.in_channels * (count if i else 1), module.out_channels * count, 3, padding=1,
-                                 groups=count if i else 1)
+                groups = count if module.in_channels > 1 else 1  # the first reads the one input channel
+                conv = nn.Conv2d(module.in_channels * groups, module.out_channels * count, 3, padding=1, groups=groups)
                 conv.weight.data = torch.cat([f.weight.data for f in fused])
                 conv.bias.data = torch.cat([f.bias.data for f in fused])
                 layers.append(conv)
@@ -164,12 +169,13 @@ class PopulationGate:
     state_dicts: list[dict]
     threshold: float
     rule: str = ""
+    input_pool: int = 1  # see ``PopulationNet``
     members: list[PopulationNet] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if not self.members:
             for state in self.state_dicts:
-                net = PopulationNet(self.channels)
+                net = PopulationNet(self.channels, input_pool=self.input_pool)
                 net.load_state_dict(state)
                 self.members.append(net.eval())
         self.stacked = StackedPopulationNets(self.members).to(memory_format=torch.channels_last)
@@ -192,11 +198,12 @@ class PopulationGate:
 
     def to_dict(self) -> dict:
         return {"channels": list(self.channels), "threshold": float(self.threshold), "rule": self.rule,
-                "state_dicts": [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in self.state_dicts]}
+                "input_pool": int(self.input_pool), "state_dicts": [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in self.state_dicts]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PopulationGate":
-        gate = cls(tuple(data["channels"]), list(data["state_dicts"]), float(data["threshold"]), str(data.get("rule", "")))
+        gate = cls(tuple(data["channels"]), list(data["state_dicts"]), float(data["threshold"]), str(data.get("rule", "")),
+                   int(data.get("input_pool", 1)))
         if not 0 < gate.threshold < 1 or not gate.state_dicts:
             raise ValueError("population gate threshold must lie in (0, 1) and it needs weights")
         return gate

@@ -187,12 +187,13 @@ def test_old_checkpoints_without_a_population_gate_still_refuse_by_metadata(tmp_
     assert "age" in [r["check"] for r in body["population_reasons"]] and body["label"] is None
 
 
-def test_the_gate_runs_its_members_as_one_network_with_the_same_answers():
+@pytest.mark.parametrize("input_pool", [1, 2])
+def test_the_gate_runs_its_members_as_one_network_with_the_same_answers(input_pool):
     """``StackedPopulationNets`` (grouped convolutions, BatchNorm folded) against each member run alone."""
     torch.manual_seed(0)
     members = []
     for _ in range(3):
-        net = PopulationNet((8, 16, 16, 24))
+        net = PopulationNet((8, 16, 16, 24), input_pool=input_pool)
         with torch.no_grad():
             for module in net.modules():
                 if isinstance(module, torch.nn.BatchNorm2d):
@@ -200,7 +201,8 @@ def test_the_gate_runs_its_members_as_one_network_with_the_same_answers():
                     module.running_var.uniform_(0.5, 2.0)
                     module.bias.uniform_(-0.2, 0.2)
         members.append(net.eval())
-    gate = PopulationGate((8, 16, 16, 24), [m.state_dict() for m in members], threshold=0.5)
+    gate = PopulationGate.from_dict(PopulationGate((8, 16, 16, 24), [m.state_dict() for m in members], threshold=0.5,
+                                                   input_pool=input_pool).to_dict())  # as a checkpoint holds it
     x = np.random.default_rng(0).random((5, 64, 64), dtype=np.float32)
     with torch.inference_mode():
         inputs = torch.from_numpy(x).unsqueeze(1)

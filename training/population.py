@@ -45,6 +45,7 @@ from .metrics import format_table
 log = logging.getLogger("training")
 
 CHANNELS = (16, 32, 64, 96)
+INPUT_POOL = 1
 #: Children's validation films allowed above the threshold (0.75%).
 QUANTILE = 0.9925
 
@@ -56,6 +57,8 @@ def fit_population_gate(
     adult_kinds: np.ndarray,
     seeds: tuple[int, ...] = (0, 1),
     epochs: int = 15,
+    channels: tuple[int, ...] = CHANNELS,
+    input_pool: int = INPUT_POOL,
     batch_size: int = 64,
     lr: float = 3e-3,
     strength: float = 1.5,
@@ -70,7 +73,7 @@ def fit_population_gate(
     for seed in seeds:
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        net = PopulationNet(CHANNELS)
+        net = PopulationNet(channels, input_pool=input_pool)
         optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         steps = -(-len(labels) // batch_size)
         if max_batches:
@@ -90,10 +93,10 @@ def fit_population_gate(
                 optimizer.step()
                 scheduler.step()
         states.append(copy.deepcopy(net.eval().state_dict()))
-    gate = PopulationGate(CHANNELS, states, threshold=0.5)
+    gate = PopulationGate(channels, states, threshold=0.5, input_pool=input_pool)
     scores = 1.0 - gate.probabilities(children_val)[:, 0]
     gate.threshold = float(np.clip(np.quantile(scores, QUANTILE), 1e-4, 1 - 1e-4))
-    gate.rule = (f"{len(seeds)} small networks (64 px input) tell children's frontal films from adults' films and "
+    gate.rule = (f"{len(seeds)} small networks ({64 // input_pool} px input) tell children's frontal films from adults' films and "
                  f"lateral views; refused above the {QUANTILE:.2%} quantile of the validation split's scores")
     return gate
 
@@ -128,6 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=data_dir())
     parser.add_argument("--adult-data", type=Path, default=adult_data_dir())
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS), help="of each network's blocks")
+    parser.add_argument("--input-pool", type=int, default=INPUT_POOL, help="average the 64 px input over k x k first")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write a checkpoint file instead of a store candidate")
@@ -154,7 +159,8 @@ def main(args) -> int:
     log.info("fitting the population gate on %d children's films and %d adult/lateral films of %d patients",
              len(train), int((~held_out).sum()), len(np.unique(adult.patients[~held_out])))
     gate = fit_population_gate(train.images, val.images, adult.films.images[~held_out],
-                               adult.films.labels[~held_out], epochs=args.epochs)
+                               adult.films.labels[~held_out], epochs=args.epochs, channels=tuple(args.channels),
+                               input_pool=args.input_pool)
     created = dt.datetime.now(dt.timezone.utc)
     checkpoint = dataclasses.replace(old, population_gate=gate, created_at=created.isoformat(timespec="seconds"),
                                      training_data={**data, "population_gate": {
