@@ -171,8 +171,8 @@ def fold_batchnorm(sequence: nn.Sequential) -> nn.Sequential:
     """A copy in which each BatchNorm that follows a convolution is folded into it.
 
     In eval mode BatchNorm is a fixed scale and shift per channel, which the convolution's
-    weights and bias absorb: the same function with one pass over the activations fewer
-    per block layer. For inference only: the copy no longer trains as the original would.
+    weights and bias absorb: the same function, without a pass over the activations for
+    each BatchNorm. For inference only: the copy would not train as the original does.
     """
     layers: list[nn.Module] = []
     for module in sequence:

@@ -198,7 +198,8 @@ class PopulationGate:
 
     def to_dict(self) -> dict:
         return {"channels": list(self.channels), "threshold": float(self.threshold), "rule": self.rule,
-                "input_pool": int(self.input_pool), "state_dicts": [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in self.state_dicts]}
+                "input_pool": int(self.input_pool),
+                "state_dicts": [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in self.state_dicts]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PopulationGate":
