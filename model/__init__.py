@@ -4,7 +4,7 @@ Knows nothing of Flask or of training; ``app`` and ``training`` import from here
 Imports run one way, from the leaves up:
 
     settings, errors -> pixels -> dicom -> decode -> preprocess
-    network -> saliency;  gate, atomic -> checkpoint -> predictor;  atomic -> tsne_map
+    network -> saliency, population;  gate, atomic -> checkpoint -> predictor;  atomic -> tsne_map
 """
 from .checkpoint import CLASS_NAMES, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .decode import DecodeLimits, decode_image

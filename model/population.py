@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .film_facts import FilmFacts
+from .network import PneumoniaNet
 
 #: The classes the population networks tell apart; only the first is in population.
 KINDS = ("pediatric_frontal", "adult", "lateral")
@@ -115,11 +116,7 @@ class PopulationNet(nn.Module):
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, len(KINDS)))
 
-    @staticmethod
-    def standardise(x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        return (x - mean) / (std + 1e-5)
+    standardise = staticmethod(PneumoniaNet.standardise)  # per image, as the pneumonia network's input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.standardise(x)))
