@@ -13,7 +13,6 @@ refusal with its reason, never a diagnosis. Three layers, any of which can say
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -21,10 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .film_facts import FilmFacts
-from .network import PneumoniaNet
+from .network import PneumoniaNet, fold_batchnorm
 
 #: The classes the population networks tell apart; only the first is in population.
 KINDS = ("pediatric_frontal", "adult", "lateral")
@@ -135,16 +133,14 @@ class StackedPopulationNets(nn.Module):
     def __init__(self, members: list[PopulationNet]):
         super().__init__()
         count, layers = len(members), []
-        for i, module in enumerate(members[0].body):
+        bodies = [fold_batchnorm(m.body) for m in members]
+        for i, module in enumerate(bodies[0]):
             if isinstance(module, nn.Conv2d):
-                fused = [fuse_conv_bn_eval(m.body[i], m.body[i + 1]) for m in members]
                 groups = count if module.in_channels > 1 else 1  # the first reads the one input channel
-                conv = nn.Conv2d(module.in_channels * groups, module.out_channels * count, 3, padding=1, groups=groups)
-                conv.weight.data = torch.cat([f.weight.data for f in fused])
-                conv.bias.data = torch.cat([f.bias.data for f in fused])
-                layers.append(conv)
-            elif not isinstance(module, nn.BatchNorm2d):
-                layers.append(copy.deepcopy(module))
+                module = nn.Conv2d(module.in_channels * groups, module.out_channels * count, 3, padding=1, groups=groups)
+                module.weight.data = torch.cat([body[i].weight.data for body in bodies])
+                module.bias.data = torch.cat([body[i].bias.data for body in bodies])
+            layers.append(module)
         self.body = nn.Sequential(*layers).eval()
         self.register_buffer("head_weight", torch.stack([m.head[-1].weight.detach() for m in members]))  # (M, K, C)
         self.register_buffer("head_bias", torch.stack([m.head[-1].bias.detach() for m in members]))  # (M, K)
