@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .film_facts import FilmFacts
-from .network import PneumoniaNet, fold_batchnorm
+from .network import PneumoniaNet, fold_batchnorm, to_channels_last
 
 #: The classes the population networks tell apart; only the first is in population.
 KINDS = ("pediatric_frontal", "adult", "lateral")
@@ -171,7 +171,7 @@ class PopulationGate:
                 net = PopulationNet(self.channels, input_pool=self.input_pool)
                 net.load_state_dict(state)
                 self.members.append(net.eval())
-        self.stacked = StackedPopulationNets(self.members).to(memory_format=torch.channels_last)
+        self.stacked = to_channels_last(StackedPopulationNets(self.members))
 
     @torch.inference_mode()
     def probabilities(self, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from model import Ensemble, NetworkConfig, PneumoniaNet
+from model import Ensemble, NetworkConfig, PneumoniaNet, for_inference
+from model.network import OneChannelConv
 
 
 def test_stn_starts_as_the_identity():
@@ -45,3 +47,23 @@ def test_ensemble_averages_member_logits():
 def test_standardise_removes_exposure():
     x = torch.rand(2, 1, 64, 64)
     torch.testing.assert_close(PneumoniaNet.standardise(0.5 * x + 0.2), PneumoniaNet.standardise(x), atol=1e-4, rtol=1e-4)
+
+
+
+def test_a_one_channel_convolution_runs_as_a_matrix_product_with_the_same_output():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+    fast = OneChannelConv(conv)
+    with torch.inference_mode():
+        for x in torch.rand(1, 1, 64, 48), torch.rand(3, 1, 64, 48):  # one image (the product), a batch (the conv)
+            torch.testing.assert_close(fast(x), conv(x), rtol=1e-5, atol=1e-5)
+        assert fast(torch.rand(1, 1, 64, 48)).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError):
+        OneChannelConv(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1))
+
+
+def test_the_served_network_runs_its_one_channel_convolutions_so():
+    served = for_inference(Ensemble([PneumoniaNet()]))
+    assert sum(isinstance(m, OneChannelConv) for m in served.modules()) == 2  # the transformer's, the classifier's
+    wrapped = {id(m.conv) for m in served.modules() if isinstance(m, OneChannelConv)}
+    assert all(id(m) in wrapped for m in served.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 1)

@@ -61,11 +61,12 @@ def test_the_served_network_computes_what_the_trained_one_does():
     served = for_inference(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.members[0].features.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.members[0].features.modules())  # untouched
-    x = torch.rand(4, 1, 64, 64)
-    with torch.inference_mode():
-        expected, got = model.infer(x), served.infer(x)
-    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got.features, expected.features, rtol=1e-4, atol=1e-4)
+    for x in torch.rand(4, 1, 64, 64), torch.rand(1, 1, 64, 64):  # a batch, and one image (other kernels)
+        with torch.inference_mode():
+            expected, got = model.infer(x), served.infer(x)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.features, expected.features, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.aligned, expected.aligned, rtol=1e-4, atol=1e-4)
 
 
 def test_grad_cam_follows_the_evidence():
