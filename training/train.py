@@ -88,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stn-lr-scale", type=float, default=0.1,
                         help="the spatial transformer's learning rate as a share of --lr (at 1 its "
                              "localisation net died in every run measured: one fixed warp for all films)")
+    parser.add_argument("--channels", type=int, nargs="+", default=list(NetworkConfig().channels),
+                        help="the classifier's convolution widths, one block each")
     parser.add_argument("--no-stn", dest="stn", action="store_false",
                         help="hold the spatial transform at the identity (ablation)")
     parser.add_argument("--target-sensitivity", type=float, default=0.98, help="threshold is set for this on validation")
@@ -145,7 +147,7 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     seed = args.seed + 1000 * member
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1], stn=args.stn)).to(device)
+    model = PneumoniaNet(NetworkConfig(input_size=train.images.shape[-1], channels=tuple(args.channels), stn=args.stn)).to(device)
     stn = [p for name, p in model.named_parameters() if name.startswith("stn.")]
     rest = [p for name, p in model.named_parameters() if not name.startswith("stn.")]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": args.lr},
