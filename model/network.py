@@ -201,7 +201,7 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     for parent in list(module.modules()):
         if isinstance(parent, nn.Sequential):
             for index, conv in enumerate(parent):
-                if isinstance(conv, nn.Conv2d) and conv.in_channels == 1 and OneChannelConv.handles(conv):
+                if isinstance(conv, nn.Conv2d) and OneChannelConv.handles(conv):
                     parent[index] = OneChannelConv(conv)
     return module
 
@@ -218,7 +218,7 @@ class OneChannelConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if not self.handles(conv) or conv.in_channels != 1:
+        if not self.handles(conv):
             raise ValueError(f"not a one-channel, same-size convolution: {conv}")
         self.conv = conv
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
@@ -227,9 +227,10 @@ class OneChannelConv(nn.Module):
 
     @staticmethod
     def handles(conv: nn.Conv2d) -> bool:
-        """Stride 1, no dilation or groups, and padding that keeps the size."""
-        return (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-                and conv.padding == tuple(k // 2 for k in conv.kernel_size) and all(k % 2 for k in conv.kernel_size))
+        """One input channel, stride 1, no dilation, and zero padding that keeps the size."""
+        return (conv.in_channels == 1 and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros" and all(k % 2 for k in conv.kernel_size)
+                and conv.padding == tuple(k // 2 for k in conv.kernel_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:

@@ -58,8 +58,10 @@ def test_a_one_channel_convolution_runs_as_a_matrix_product_with_the_same_output
         for x in torch.rand(1, 1, 64, 48), torch.rand(3, 1, 64, 48):  # one image (the product), a batch (the conv)
             torch.testing.assert_close(fast(x), conv(x), rtol=1e-5, atol=1e-5)
         assert fast(torch.rand(1, 1, 64, 48)).is_contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError):
-        OneChannelConv(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1))
+    for other in (torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.Conv2d(1, 8, 3, padding=1, padding_mode="reflect"),
+                  torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.Conv2d(1, 8, 3)):
+        with pytest.raises(ValueError):
+            OneChannelConv(other)
 
 
 def test_the_served_network_runs_its_one_channel_convolutions_so():
