@@ -221,7 +221,7 @@ class OneChannelConv(nn.Module):
         if not self.handles(conv):
             raise ValueError(f"not a one-channel, same-size convolution: {conv}")
         self.conv = conv
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+        bias = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
         self.register_buffer("matrix", conv.weight.detach().flatten(1).t().contiguous())  # (k * k, C)
         self.register_buffer("bias", bias)
 

@@ -49,7 +49,6 @@ def test_standardise_removes_exposure():
     torch.testing.assert_close(PneumoniaNet.standardise(0.5 * x + 0.2), PneumoniaNet.standardise(x), atol=1e-4, rtol=1e-4)
 
 
-
 def test_a_one_channel_convolution_runs_as_a_matrix_product_with_the_same_output():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(1, 8, 3, padding=1)
