@@ -196,13 +196,20 @@ def for_inference(model: Ensemble) -> Ensemble:
 
 def to_channels_last(module: nn.Module) -> nn.Module:
     """``module`` with its convolutions channels-last (oneDNN's convolutions, the ReLUs and
-    the max pools run faster so); those that read one channel become ``OneChannelConv``."""
+    the max pools run faster so); those that read one channel become ``OneChannelConv``, the
+    others with a ReLU after them ``FusedConvReLU``."""
     module.to(memory_format=torch.channels_last)
     for parent in list(module.modules()):
-        if isinstance(parent, nn.Sequential):
-            for index, conv in enumerate(parent):
-                if isinstance(conv, nn.Conv2d) and OneChannelConv.handles(conv):
-                    parent[index] = OneChannelConv(conv)
+        if not isinstance(parent, nn.Sequential):
+            continue
+        for index, conv in enumerate(parent):
+            if type(conv) is not nn.Conv2d:
+                continue
+            if OneChannelConv.handles(conv):
+                parent[index] = OneChannelConv(conv)
+            elif index + 1 < len(parent) and isinstance(parent[index + 1], nn.ReLU) and FusedConvReLU.available():
+                parent[index] = FusedConvReLU(conv)
+                parent[index + 1] = nn.Identity()  # (the ReLU is in the convolution now; indices stay)
     return module
 
 
@@ -241,3 +248,45 @@ class OneChannelConv(nn.Module):
         columns = F.unfold(x, self.conv.kernel_size, padding=self.conv.padding)[0].t()  # (H * W, k * k)
         out = torch.addmm(self.bias, columns, self.matrix)  # (H * W, C)
         return out.view(1, height, width, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+
+
+class FusedConvReLU(nn.Module):
+    """A convolution and the ReLU after it, for inference: a single image goes to oneDNN's
+    convolution with the ReLU fused in and the weights laid out once for that image's shape.
+
+    For one image PyTorch sends these small convolutions to its im2col kernel, or to oneDNN
+    with the weights reordered on every call, and runs the ReLU as a pass of its own: this
+    way a prediction takes 6-10% less time (interleaved A/B, README), with the same answers.
+    The oneDNN operators are those PyTorch's own compiler emits (``torch.ops.mkldnn``); where
+    a build lacks them, ``to_channels_last`` keeps the plain convolution. Batches go to the
+    convolution itself.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"not a zero-padded convolution with explicit padding: {conv}")
+        self.conv = conv
+        self.settings = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.packed: dict[tuple[int, ...], torch.Tensor] = {}  # input shape -> weights in oneDNN's layout
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weights behind (oneDNN's layout has no storage
+        to copy); they are packed again on first use."""
+        return {**self.__dict__, "packed": {}}
+
+    @staticmethod
+    def available() -> bool:
+        ops = torch.ops.mkldnn
+        return (torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise")
+                and hasattr(ops, "_reorder_convolution_weight"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+            return F.relu(self.conv(x))
+        shape = tuple(x.shape)
+        weight = self.packed.get(shape)
+        if weight is None:  # once per input shape (the model's input size is fixed)
+            weight = torch.ops.mkldnn._reorder_convolution_weight(self.conv.weight.detach(), *self.settings, list(shape))
+            self.packed[shape] = weight
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, self.conv.bias, *self.settings, "relu", [], "")

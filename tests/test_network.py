@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 
 from model import Ensemble, NetworkConfig, PneumoniaNet, for_inference
-from model.network import OneChannelConv
+from model.network import FusedConvReLU, OneChannelConv, to_channels_last
 
 
 def test_stn_starts_as_the_identity():
@@ -68,3 +70,50 @@ def test_the_served_network_runs_its_one_channel_convolutions_so():
     assert sum(isinstance(m, OneChannelConv) for m in served.modules()) == 2  # the transformer's, the classifier's
     wrapped = {id(m.conv) for m in served.modules() if isinstance(m, OneChannelConv)}
     assert all(id(m) in wrapped for m in served.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 1)
+
+
+needs_onednn = pytest.mark.skipif(not FusedConvReLU.available(), reason="this torch build has no oneDNN convolution operator")
+
+
+@needs_onednn
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_fused_convolution_gives_the_convolution_and_its_relu(groups):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups).eval()
+    fused = FusedConvReLU(conv)
+    with torch.inference_mode():
+        for x in torch.randn(1, 8, 32, 24), torch.randn(3, 8, 32, 24):  # one image (oneDNN, packed), a batch
+            x = x.contiguous(memory_format=torch.channels_last)
+            out = fused(x)
+            torch.testing.assert_close(out, torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
+            assert (out >= 0).all()
+        assert list(fused.packed) == [(1, 8, 32, 24)]  # packed once, for the one image's shape
+        copied = copy.deepcopy(fused)  # the packed weights stay behind and are packed again
+        assert copied.packed == {}
+        torch.testing.assert_close(copied(x[:1]), fused(x[:1]))
+
+
+@needs_onednn
+def test_the_served_network_fuses_each_convolution_followed_by_a_relu():
+    torch.manual_seed(0)
+    net = PneumoniaNet().eval()
+    served = for_inference(Ensemble([net]))
+    fused = [m for m in served.modules() if isinstance(m, FusedConvReLU)]
+    # the classifier's 8 convolutions and the transformer's 3, less the two that read one channel
+    assert len(fused) == 9
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        reference, out = net.infer(x), served.infer(x)
+    torch.testing.assert_close(out.logits, reference.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.activations[0], reference.activations[0], rtol=1e-4, atol=1e-4)
+
+
+def test_without_the_onednn_operator_the_plain_convolutions_stay(monkeypatch):
+    monkeypatch.setattr(FusedConvReLU, "available", staticmethod(lambda: False))
+    layers = to_channels_last(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()))
+    assert type(layers[0]) is torch.nn.Conv2d and isinstance(layers[1], torch.nn.ReLU)
+
+
+def test_a_convolution_without_a_relu_after_it_is_not_fused():
+    layers = to_channels_last(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.MaxPool2d(2)))
+    assert type(layers[0]) is torch.nn.Conv2d
