@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import Ensemble, NetworkConfig, PneumoniaNet, for_inference
-from model.network import FusedConvReLU, OneChannelConv, to_channels_last
+from model.network import FusedConvReLU, to_channels_last
 
 
 def test_stn_starts_as_the_identity():
@@ -51,43 +51,22 @@ def test_standardise_removes_exposure():
     torch.testing.assert_close(PneumoniaNet.standardise(0.5 * x + 0.2), PneumoniaNet.standardise(x), atol=1e-4, rtol=1e-4)
 
 
-def test_a_one_channel_convolution_runs_as_a_matrix_product_with_the_same_output():
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(1, 8, 3, padding=1)
-    fast = OneChannelConv(conv)
-    with torch.inference_mode():
-        for x in torch.rand(1, 1, 64, 48), torch.rand(3, 1, 64, 48):  # one image (the product), a batch (the conv)
-            torch.testing.assert_close(fast(x), conv(x), rtol=1e-5, atol=1e-5)
-        assert fast(torch.rand(1, 1, 64, 48)).is_contiguous(memory_format=torch.channels_last)
-    for other in (torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.Conv2d(1, 8, 3, padding=1, padding_mode="reflect"),
-                  torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.Conv2d(1, 8, 3)):
-        with pytest.raises(ValueError):
-            OneChannelConv(other)
-
-
-def test_the_served_network_runs_its_one_channel_convolutions_so():
-    served = for_inference(Ensemble([PneumoniaNet()]))
-    assert sum(isinstance(m, OneChannelConv) for m in served.modules()) == 2  # the transformer's, the classifier's
-    wrapped = {id(m.conv) for m in served.modules() if isinstance(m, OneChannelConv)}
-    assert all(id(m) in wrapped for m in served.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 1)
-
-
 needs_onednn = pytest.mark.skipif(not FusedConvReLU.available(), reason="this torch build has no oneDNN convolution operator")
 
 
 @needs_onednn
-@pytest.mark.parametrize("groups", [1, 2])
-def test_a_fused_convolution_gives_the_convolution_and_its_relu(groups):
+@pytest.mark.parametrize("channels, groups", [(1, 1), (8, 1), (8, 2)])  # a first convolution, plain, grouped
+def test_a_fused_convolution_gives_the_convolution_and_its_relu(channels, groups):
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups).eval()
+    conv = torch.nn.Conv2d(channels, 16, 3, padding=1, groups=groups).eval()
     fused = FusedConvReLU(conv)
     with torch.inference_mode():
-        for x in torch.randn(1, 8, 32, 24), torch.randn(3, 8, 32, 24):  # one image (oneDNN, packed), a batch
+        for x in torch.randn(1, channels, 32, 24), torch.randn(3, channels, 32, 24):  # one image (oneDNN, packed), a batch
             x = x.contiguous(memory_format=torch.channels_last)
             out = fused(x)
             torch.testing.assert_close(out, torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
             assert (out >= 0).all()
-        assert list(fused.packed) == [(1, 8, 32, 24)]  # packed once, for the one image's shape
+        assert list(fused.packed) == [(1, channels, 32, 24)]  # packed once, for the one image's shape
         copied = copy.deepcopy(fused)  # the packed weights stay behind and are packed again
         assert copied.packed == {}
         torch.testing.assert_close(copied(x[:1]), fused(x[:1]))
@@ -99,8 +78,9 @@ def test_the_served_network_fuses_each_convolution_followed_by_a_relu():
     net = PneumoniaNet().eval()
     served = for_inference(Ensemble([net]))
     fused = [m for m in served.modules() if isinstance(m, FusedConvReLU)]
-    # the classifier's 8 convolutions and the transformer's 3, less the two that read one channel
-    assert len(fused) == 9
+    assert len(fused) == 11  # the classifier's 8 convolutions and the transformer's 3
+    wrapped = {id(m.conv) for m in fused}
+    assert all(id(m) in wrapped for m in served.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.rand(1, 1, 64, 64)
     with torch.inference_mode():
         reference, out = net.infer(x), served.infer(x)
