@@ -146,3 +146,37 @@ def test_weight_averaging_keeps_the_mean_of_the_last_epochs(tiny_dataset, tmp_pa
     member = load_checkpoint(out).training_data["members"][0]
     assert member["select"] == "average" and member["averaged_epochs"] == 2
     assert 0 <= member["averaged_val_auc"] <= 1 or np.isnan(member["averaged_val_auc"])
+
+
+def test_the_swa_tail_holds_a_constant_rate_after_one_cycle():
+    import argparse
+
+    import torch
+
+    net = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW([{"params": [net.weight], "lr": 3e-3}, {"params": [net.bias], "lr": 3e-4}])
+    args = argparse.Namespace(lr=3e-3, stn_lr_scale=0.1, swa_lr=6e-4, select="average", average_epochs=3, epochs=10)
+    schedule = train.learning_rate_schedule(optimizer, args, steps_per_epoch=4)
+    rates = []
+    for _ in range(40):
+        optimizer.step()
+        schedule.step()
+        rates.append([group["lr"] for group in optimizer.param_groups])
+    assert max(r[0] for r in rates[:28]) == pytest.approx(3e-3, rel=0.01)  # one cycle over the first 7 epochs
+    assert rates[26][0] < 1e-4  # it comes to rest...
+    assert rates[32:] == [pytest.approx([6e-4, 6e-5])] * 8  # ...then climbs to the SWA rate within an epoch and holds it
+    args.swa_lr = 0.0  # without it: one cycle over all ten epochs
+    plain = train.learning_rate_schedule(optimizer, args, steps_per_epoch=4)
+    assert isinstance(plain, torch.optim.lr_scheduler.OneCycleLR) and plain.total_steps == 40
+
+
+def test_zoom_strength_widens_the_zoom_and_aspect_ranges_alone():
+    import torch
+
+    from training.augment import augment
+
+    x = torch.zeros(400, 1, 32, 32)
+    x[:, :, 8:24, 8:24] = 1.0  # a bright square whose area the zoom changes
+    narrow = augment(x, torch.Generator().manual_seed(0), strength=1.0).gt(0.5).float().mean(dim=(1, 2, 3))
+    wide = augment(x, torch.Generator().manual_seed(0), strength=1.0, zoom_strength=3.0).gt(0.5).float().mean(dim=(1, 2, 3))
+    assert wide.std() > 1.5 * narrow.std()

@@ -12,16 +12,21 @@ import torch
 from torch.nn import functional as F
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """x: (N, 1, S, S) in [0, 1]. Returns a new tensor of the same shape."""
+def augment(
+    x: torch.Tensor, generator: torch.Generator, strength: float = 1.0, zoom_strength: float | None = None
+) -> torch.Tensor:
+    """x: (N, 1, S, S) in [0, 1]. Returns a new tensor of the same shape.
+
+    ``zoom_strength`` scales the zoom and aspect ranges alone (default: ``strength``)."""
+    zoom_strength = strength if zoom_strength is None else zoom_strength
     n = x.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator)
 
     angle = uniform(-10, 10) * strength * math.pi / 180
-    scale = 1 + uniform(-0.1, 0.1) * strength
-    aspect = 1 + uniform(-0.08, 0.08) * strength
+    scale = 1 + uniform(-0.1, 0.1) * zoom_strength
+    aspect = 1 + uniform(-0.08, 0.08) * zoom_strength
     tx, ty = uniform(-0.07, 0.07) * strength, uniform(-0.07, 0.07) * strength
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(

@@ -81,10 +81,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="best: the epoch with the best validation AUC; average: the mean weights of the "
                              "last --average-epochs epochs (batch-norm statistics recomputed)")
     parser.add_argument("--average-epochs", type=int, default=5)
+    parser.add_argument("--swa-lr", type=float, default=0.0,
+                        help="with --select average: the last --average-epochs epochs run at this constant "
+                             "learning rate (stochastic weight averaging, Izmailov et al. 2018) after a one-cycle "
+                             "schedule over the epochs before them; 0: one cycle over all epochs")
     parser.add_argument("--mixup", type=float, default=0.0,
                         help="mixup's Beta(a, a) parameter (0: off): mixes pairs of films and their labels")
     parser.add_argument("--augment-strength", type=float, default=1.5,
                         help="scales every augmentation's range (1.5: the recipe measured on three seeds, README)")
+    parser.add_argument("--zoom-strength", type=float, default=2.5,
+                        help="scales the zoom and aspect ranges alone (2.5: zooms of ±25%%, aspect ±20%%; the squash "
+                             "to a square imprints each film's aspect ratio, which differs between the classes: README)")
     parser.add_argument("--stn-lr-scale", type=float, default=0.1,
                         help="the spatial transformer's learning rate as a share of --lr (at 1 its "
                              "localisation net died in every run measured: one fixed warp for all films)")
@@ -118,7 +125,7 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
             continue
-        x = augment(images[index], generator, args.augment_strength).to(device)
+        x = augment(images[index], generator, args.augment_strength, args.zoom_strength).to(device)
         y = labels[index].to(device)
         if args.mixup > 0:
             x, y = mixup(x, y, args.mixup, generator)
@@ -142,6 +149,42 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Gener
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 
+def learning_rate_schedule(optimizer, args, steps_per_epoch: int):
+    """One cycle over all epochs; with ``--swa-lr``, one cycle over all but the averaged
+    epochs, then a constant rate while the weights are averaged (SWA: the mean of weights
+    from a wide stretch of the loss surface, rather than from where one cycle came to rest)."""
+    scale = [1.0, args.stn_lr_scale]
+    averaged = min(args.average_epochs, args.epochs - 1) if args.swa_lr > 0 and args.select == "average" else 0
+    cycle = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[args.lr * k for k in scale], epochs=args.epochs - averaged,
+        steps_per_epoch=steps_per_epoch, pct_start=0.2
+    )
+    if not averaged:
+        return cycle
+    return CycleThenConstant(optimizer, cycle, [args.swa_lr * k for k in scale],
+                             switch=(args.epochs - averaged) * steps_per_epoch, climb=steps_per_epoch)
+
+
+class CycleThenConstant:
+    """``cycle`` for ``switch`` steps, then a linear climb over ``climb`` steps to ``rates`` (one per
+    parameter group), held there. Stepped once a batch, as OneCycleLR is."""
+
+    def __init__(self, optimizer, cycle, rates: list[float], switch: int, climb: int):
+        self.optimizer, self.cycle, self.rates, self.switch, self.climb = optimizer, cycle, rates, switch, climb
+        self.steps, self.start = 0, None
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps < self.switch:
+            self.cycle.step()
+            return
+        if self.start is None:
+            self.start = [group["lr"] for group in self.optimizer.param_groups]
+        t = min(1.0, (self.steps - self.switch + 1) / self.climb)
+        for group, start, rate in zip(self.optimizer.param_groups, self.start, self.rates):
+            group["lr"] = start + t * (rate - start)
+
+
 def train_member(args, member: int, train: Split, val: Split, device) -> tuple[PneumoniaNet, dict]:
     """Train one network; keep the epoch with the best validation AUC, or average the last epochs."""
     seed = args.seed + 1000 * member
@@ -158,10 +201,7 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     steps_per_epoch = -(-len(train) // args.batch_size)
     if args.dry_run:
         steps_per_epoch = min(steps_per_epoch, DRY_RUN_BATCHES)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[args.lr, args.lr * args.stn_lr_scale], epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch, pct_start=0.2
-    )
+    scheduler = learning_rate_schedule(optimizer, args, steps_per_epoch)
     positives = float(train.labels.sum())
     pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
     best_auc, best_state, best_epoch = -1.0, None, 0
@@ -315,7 +355,8 @@ def _run(args, device, store: ModelStore | None) -> int:
             "members": member_logs,
             "seed": args.seed,
             "recipe": {"select": args.select, "average_epochs": args.average_epochs, "mixup": args.mixup,
-                       "augment_strength": args.augment_strength, "stn": args.stn, "lr": args.lr,
+                       "augment_strength": args.augment_strength, "stn": args.stn, "lr": args.lr, "swa_lr": args.swa_lr,
+                       "zoom_strength": args.zoom_strength,
                        "stn_lr_scale": args.stn_lr_scale},
             "dry_run": bool(args.dry_run),
         },
