@@ -10,7 +10,7 @@ Prints, all measured in this one run (1 torch thread, as a gunicorn worker uses)
   (``Content-Type: image/jpeg``), and for the result page;
 - 20 films in one batch request against 20 single requests;
 - throughput with --clients concurrent clients against two cores' in-process rate (the
-  two measured in turn, five slices each);
+  two measured in turn, five slices each), and the share of the cores the clients took;
 - gunicorn start-up and resident memory per worker.
 What a ratio compares is timed in turn, round after round (``interleaved_ms``): this
 machine's speed drifts with other tenants' load, and the drift should not land in a ratio.
@@ -191,10 +191,13 @@ def main() -> int:
 
         concurrent_rate(port, data, {"Content-Type": "image/jpeg"}, args.clients, 2)  # warm-up
         # In turn, as ``interleaved_ms`` does: a slice of concurrent load, then the in-process rate.
-        rates, ceilings, latencies, errors = [], [], [], 0
+        rates, ceilings, latencies, errors, client_share = [], [], [], 0, []
         for _ in range(5):
+            cpu, wall = time.process_time(), time.perf_counter()
             rate, slice_latencies, slice_errors = concurrent_rate(port, data, {"Content-Type": "image/jpeg"},
                                                                   args.clients, args.seconds / 5)
+            # the clients run on the same two cores as the server: what they take, it cannot have
+            client_share.append((time.process_time() - cpu) / (2 * (time.perf_counter() - wall)))
             rates.append(rate)
             latencies += slice_latencies
             errors += slice_errors
@@ -202,7 +205,8 @@ def main() -> int:
         rate, ceiling = statistics.mean(rates), statistics.mean(ceilings)
         print(f"{args.clients} clients, {args.workers} workers: {rate:.0f} requests/s = {rate / ceiling:.0%} of two "
               f"cores' in-process rate ({ceiling:.0f}/s; goal >= 80%); p50 {percentile(latencies, 50):.1f} ms, "
-              f"p99 {percentile(latencies, 99):.1f} ms; errors {errors}")
+              f"p99 {percentile(latencies, 99):.1f} ms; errors {errors}; the clients themselves used "
+              f"{statistics.mean(client_share):.0%} of the two cores")
         import psutil
 
         rss = [c.memory_info().rss / 1024**2 for c in psutil.Process(process.pid).children()]
