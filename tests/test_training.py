@@ -1,13 +1,16 @@
+import argparse
 import json
 import logging
 
 import numpy as np
 import pytest
+import torch
 from filelock import FileLock
 
 from model import Predictor, PreprocessParams, load_checkpoint
 from training import data as data_module
 from training import evaluate, train
+from training.augment import augment
 from training.data import DatasetError, load_split, patient_id, validation_split
 from training.metrics import binary_metrics, threshold_for_sensitivity
 
@@ -149,10 +152,6 @@ def test_weight_averaging_keeps_the_mean_of_the_last_epochs(tiny_dataset, tmp_pa
 
 
 def test_the_swa_tail_holds_a_constant_rate_after_one_cycle():
-    import argparse
-
-    import torch
-
     net = torch.nn.Linear(2, 1)
     optimizer = torch.optim.AdamW([{"params": [net.weight], "lr": 3e-3}, {"params": [net.bias], "lr": 3e-4}])
     args = argparse.Namespace(lr=3e-3, stn_lr_scale=0.1, swa_lr=6e-4, select="average", average_epochs=3, epochs=10)
@@ -171,10 +170,6 @@ def test_the_swa_tail_holds_a_constant_rate_after_one_cycle():
 
 
 def test_zoom_strength_widens_the_zoom_and_aspect_ranges_alone():
-    import torch
-
-    from training.augment import augment
-
     x = torch.zeros(400, 1, 32, 32)
     x[:, :, 8:24, 8:24] = 1.0  # a bright square whose area the zoom changes
     narrow = augment(x, torch.Generator().manual_seed(0), strength=1.0).gt(0.5).float().mean(dim=(1, 2, 3))
