@@ -175,3 +175,11 @@ def test_zoom_strength_widens_the_zoom_and_aspect_ranges_alone():
     narrow = augment(x, torch.Generator().manual_seed(0), strength=1.0).gt(0.5).float().mean(dim=(1, 2, 3))
     wide = augment(x, torch.Generator().manual_seed(0), strength=1.0, zoom_strength=3.0).gt(0.5).float().mean(dim=(1, 2, 3))
     assert wide.std() > 1.5 * narrow.std()
+
+
+def test_label_smoothing_pulls_the_targets_in_by_half_of_eps():
+    targets = train.smooth_labels(torch.tensor([0.0, 1.0, 0.7]), 0.1)
+    assert torch.allclose(targets, torch.tensor([0.05, 0.95, 0.68]))
+    # the loss of a confident right answer no longer falls to zero: the logits stop growing there
+    logits, labels = torch.tensor([-20.0, 20.0]), torch.tensor([0.0, 1.0])
+    assert torch.nn.functional.binary_cross_entropy_with_logits(logits, train.smooth_labels(labels, 0.1)) > 0.5
