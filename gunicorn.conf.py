@@ -8,6 +8,8 @@ import os
 
 bind = os.environ.get("BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# A worker's threads decode their uploads side by side and share forward passes
+# (model/coalesce.py): concurrent requests cost less each than one at a time.
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = 20

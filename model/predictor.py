@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
+from .coalesce import Coalescer
 from .decode import DecodeLimits, decode_film
 from .errors import ImageError, InvalidImageError
 from .film_facts import NO_FACTS, FilmFacts
@@ -94,12 +95,17 @@ class Prediction:
 
 
 class Predictor:
-    """Holds one loaded checkpoint; safe to share between threads (no state changes)."""
+    """Holds one loaded checkpoint; safe to share between threads.
 
-    def __init__(self, checkpoint: Checkpoint, limits: DecodeLimits = DecodeLimits()):
+    Single predictions made on several threads at once share forward passes
+    (``Coalescer``): a batch costs less per film than films one at a time.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, limits: DecodeLimits = DecodeLimits(), max_batch: int = 8):
         self.checkpoint = checkpoint
         self.limits = limits
         self.model = checkpoint.model.eval()
+        self._coalescer = Coalescer(self._predict_prepared, max_batch)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> "Predictor":
@@ -132,13 +138,28 @@ class Predictor:
         ``age_years``: the patient's age as the person knows it. A film outside the
         intended use (by its DICOM header, that age or its pixels) gets its reasons and
         no label. With ``saliency`` the Grad-CAM map comes from the same forward pass.
+        Without it, predictions made on other threads meanwhile share the forward pass.
         """
         model_input, facts = self._prepare(image, age_years)
+        if not saliency:
+            return self._coalescer.submit((model_input, facts, age_years))
+        return self._predict_one(model_input, facts, age_years, saliency=True)
+
+    def _predict_one(self, model_input: np.ndarray, facts: FilmFacts, age_years: float | None,
+                     saliency: bool = False) -> Prediction:
         with torch.inference_mode():
             out = self.model.infer(torch.from_numpy(model_input[None, None]))
         heat = grad_cam(self.model, out, model_input.shape[-1])[0] if saliency else None
         raw = NetworkOutput.of(out)
         return self._assemble(self._finish(raw, model_input[None]), 0, model_input, facts, age_years, heat)
+
+    def _predict_prepared(self, items: list[tuple[np.ndarray, FilmFacts, float | None]]) -> list[Prediction]:
+        """The ``Coalescer``'s batch: one film alone takes the single-image path (its fused kernels)."""
+        if len(items) == 1:
+            return [self._predict_one(*items[0])]
+        inputs = np.stack([model_input for model_input, _, _ in items])
+        batch = self.predict_many(inputs)
+        return [self._assemble(batch, row, inputs[row], facts, age) for row, (_, facts, age) in enumerate(items)]
 
     def predict_files(self, files: list[bytes], age_years: float | None = None) -> list[Prediction | ImageError]:
         """Several uploads: decoded two at a time (the decoders release the GIL), then one
