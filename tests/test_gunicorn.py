@@ -1,6 +1,7 @@
 """Smoke tests of the real server: gunicorn with the bundled model on a loopback port."""
 import subprocess
 import sys
+import threading
 
 import psutil
 import pytest
@@ -23,6 +24,32 @@ def test_gunicorn_serves_predictions():
         assert status == 415 and "error" in body
         status, body = post_image(base, xray)  # still serving after a refusal
         assert status == 200
+
+
+def test_concurrent_requests_in_one_worker_each_get_their_own_answer():
+    """The worker's threads share forward passes (model/coalesce.py): no answer may land on another request."""
+    films = [encode(synthetic_xray(500 + 20 * i, 400, seed=i), ".jpg") for i in range(6)] + [b"not an image"] * 2
+    with gunicorn(workers=1) as (base, _):
+        alone = [post_image(base, film) for film in films]
+        together: list = [None] * len(films)
+
+        def send(i):
+            together[i] = [post_image(base, films[i]) for _ in range(3)]
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(films))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert len({body["probability"] for status, body in alone if status == 200}) == 6  # six different films
+    for (status, body), answers in zip(alone, together):
+        for answer_status, answer in answers:
+            assert answer_status == status
+            if status == 200:
+                assert answer["probability"] == pytest.approx(body["probability"], abs=1e-5)
+                assert answer["label"] == body["label"]
+            else:
+                assert status == 415 and "error" in answer
 
 
 def test_gunicorn_refuses_to_start_on_a_truncated_checkpoint(tmp_path):
