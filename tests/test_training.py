@@ -183,3 +183,11 @@ def test_label_smoothing_pulls_the_targets_in_by_half_of_eps():
     # the loss of a confident right answer no longer falls to zero: the logits stop growing there
     logits, labels = torch.tensor([-20.0, 20.0]), torch.tensor([0.0, 1.0])
     assert torch.nn.functional.binary_cross_entropy_with_logits(logits, train.smooth_labels(labels, 0.1)) > 0.5
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "abc", "nan"])
+def test_label_smoothing_out_of_range_is_a_clear_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args(["--label-smoothing", value])
+    assert exit_info.value.code == 2
+    assert "--label-smoothing: must be a number from 0 up to (not including) 1" in capsys.readouterr().err

@@ -63,6 +63,17 @@ log = logging.getLogger("training")
 DRY_RUN_BATCHES = 3
 
 
+def smoothing_amount(text: str) -> float:
+    """--label-smoothing's value: 0 (off) up to, not including, 1 (every target 0.5)."""
+    try:
+        eps = float(text)
+    except ValueError:
+        eps = float("nan")
+    if not 0 <= eps < 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 1, not {text!r}")
+    return eps
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=data_dir(), help="dataset folder (train|val|test/NORMAL|PNEUMONIA)")
@@ -87,7 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "schedule over the epochs before them; 0: one cycle over all epochs")
     parser.add_argument("--mixup", type=float, default=0.0,
                         help="mixup's Beta(a, a) parameter (0: off): mixes pairs of films and their labels")
-    parser.add_argument("--label-smoothing", type=float, default=0.0,
+    parser.add_argument("--label-smoothing", type=smoothing_amount, default=0.0,
                         help="train towards eps/2 and 1 - eps/2 instead of 0 and 1 (0: off); a remedy for "
                              "mislabelled training films")
     parser.add_argument("--augment-strength", type=float, default=1.5,
