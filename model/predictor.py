@@ -101,11 +101,11 @@ class Predictor:
     (``Coalescer``): a batch costs less per film than films one at a time.
     """
 
-    def __init__(self, checkpoint: Checkpoint, limits: DecodeLimits = DecodeLimits(), max_batch: int = 8):
+    def __init__(self, checkpoint: Checkpoint, limits: DecodeLimits = DecodeLimits()):
         self.checkpoint = checkpoint
         self.limits = limits
         self.model = checkpoint.model.eval()
-        self._coalescer = Coalescer(self._predict_prepared, max_batch)
+        self._coalescer = Coalescer(self._predict_prepared)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> "Predictor":

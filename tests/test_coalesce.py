@@ -26,17 +26,22 @@ class GatedRun:
         return [ValueError(f"bad {item}") if item < 0 else item * 10 for item in items]
 
 
-def submit_all(coalescer, items, outcomes):
-    def call(item):
+def start_callers(call, keys, outcomes):
+    """One thread per key, each storing what ``call(key)`` returned or raised under its key."""
+    def caller(key):
         try:
-            outcomes[item] = coalescer.submit(item)
+            outcomes[key] = call(key)
         except Exception as error:  # noqa: BLE001 - the test reads what each caller got
-            outcomes[item] = error
+            outcomes[key] = error
 
-    threads = [threading.Thread(target=call, args=(item,)) for item in items]
+    threads = [threading.Thread(target=caller, args=(key,)) for key in keys]
     for thread in threads:
         thread.start()
     return threads
+
+
+def submit_all(coalescer, items, outcomes):
+    return start_callers(coalescer.submit, items, outcomes)
 
 
 def wait_until_queued(coalescer, count):
@@ -119,9 +124,9 @@ def test_predictions_that_share_a_batch_match_those_made_one_at_a_time():
 
     coalescer._run = gated
     together: dict = {}
-    first = submit_all_predictions(predictor, films, [0], together)
+    first = start_callers(lambda i: predictor.predict(films[i]), [0], together)
     wait_until_running(coalescer)
-    rest = submit_all_predictions(predictor, films, range(1, len(films)), together)
+    rest = start_callers(lambda i: predictor.predict(films[i]), range(1, len(films)), together)
     for thread in first + rest:
         thread.join(30)
     assert batches == [1, 5]  # the five went through the batched path, the first through the single one
@@ -130,16 +135,6 @@ def test_predictions_that_share_a_batch_match_those_made_one_at_a_time():
         assert b.probability == pytest.approx(a.probability, abs=1e-5)
         assert (a.label, a.population_reasons) == (b.label, b.population_reasons)
         assert np.allclose(a.features, b.features, atol=1e-4)
-
-
-def submit_all_predictions(predictor, films, indices, outcomes):
-    def call(i):
-        outcomes[i] = predictor.predict(films[i])
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in indices]
-    for thread in threads:
-        thread.start()
-    return threads
 
 
 def wait_until_running(coalescer):
