@@ -203,10 +203,10 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     for parent in list(module.modules()):
         if not isinstance(parent, nn.Sequential):
             continue
-        for index, conv in enumerate(parent):
-            if type(conv) is nn.Conv2d and index + 1 < len(parent) and isinstance(parent[index + 1], nn.ReLU):
-                parent[index] = FusedConvReLU(conv)
-                parent[index + 1] = nn.Identity()  # (the ReLU is in the convolution now; indices stay)
+        for index in reversed(range(len(parent) - 1)):  # from the end, so a deletion moves no layer still to visit
+            if type(parent[index]) is nn.Conv2d and isinstance(parent[index + 1], nn.ReLU):
+                parent[index] = FusedConvReLU(parent[index])
+                del parent[index + 1]  # the ReLU is in the convolution now (an empty module call costs ~5 us)
     return module
 
 

@@ -81,6 +81,9 @@ def test_the_served_network_fuses_each_convolution_followed_by_a_relu():
     assert len(fused) == 11  # the classifier's 8 convolutions and the transformer's 3
     wrapped = {id(m.conv) for m in fused}
     assert all(id(m) in wrapped for m in served.modules() if isinstance(m, torch.nn.Conv2d))
+    member = served.members[0]  # the ReLUs went into the convolutions, leaving no placeholder behind
+    left = [m for part in (member.features, member.stn.localisation) for m in part.modules()]
+    assert not any(isinstance(m, (torch.nn.ReLU, torch.nn.Identity)) for m in left)
     x = torch.rand(1, 1, 64, 64)
     with torch.inference_mode():
         reference, out = net.infer(x), served.infer(x)
