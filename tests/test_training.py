@@ -10,7 +10,7 @@ from filelock import FileLock
 from model import Predictor, PreprocessParams, load_checkpoint
 from training import data as data_module
 from training import evaluate, train
-from training.augment import augment
+from training.augment import augment, intensity_field
 from training.data import DatasetError, load_split, patient_id, validation_split
 from training.metrics import binary_metrics, threshold_for_sensitivity
 
@@ -175,6 +175,31 @@ def test_zoom_strength_widens_the_zoom_and_aspect_ranges_alone():
     narrow = augment(x, torch.Generator().manual_seed(0), strength=1.0).gt(0.5).float().mean(dim=(1, 2, 3))
     wide = augment(x, torch.Generator().manual_seed(0), strength=1.0, zoom_strength=3.0).gt(0.5).float().mean(dim=(1, 2, 3))
     assert wide.std() > 1.5 * narrow.std()
+
+
+def test_the_intensity_field_is_smooth_centred_and_scales_with_its_amount():
+    weak = intensity_field(2000, 64, 0.1, torch.Generator().manual_seed(0)).log()
+    strong = intensity_field(2000, 64, 0.3, torch.Generator().manual_seed(0)).log()
+    assert torch.allclose(strong, 3 * weak, atol=1e-5)  # the same surfaces, three times as steep
+    assert abs(strong.mean().item()) < 0.01  # brightens as often as it darkens
+    assert 0.05 < strong.std(dim=(1, 2, 3)).median().item() < 0.3
+    step = max((strong[..., 1:] - strong[..., :-1]).abs().max(), (strong[..., 1:, :] - strong[..., :-1, :]).abs().max())
+    assert step < 0.1  # smooth: no neighbouring pixels differ by more than ~10%
+
+
+def test_the_intensity_field_draws_random_numbers_only_when_asked_for():
+    x = torch.rand(4, 1, 32, 32)
+    states = []
+    for amount in (0.0, 0.3):
+        generator = torch.Generator().manual_seed(0)
+        augment(x, generator, 1.5, 2.5, bias_field=amount)
+        states.append(generator.get_state())
+    # off, the other augmentations' draws are those of the recipe without the option
+    assert not torch.equal(states[0], states[1])
+    generator = torch.Generator().manual_seed(0)
+    flat = augment(torch.full((256, 1, 32, 32), 0.5), generator, 0.0, bias_field=0.3)
+    halves = flat[..., :16].mean(dim=(1, 2, 3)) - flat[..., 16:].mean(dim=(1, 2, 3))
+    assert halves.abs().median() > 0.02  # a flat film comes out brighter on one side
 
 
 def test_label_smoothing_pulls_the_targets_in_by_half_of_eps():

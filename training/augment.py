@@ -1,8 +1,9 @@
 """Batch augmentation on preprocessed 64x64 tensors, chosen for chest films.
 
 Small rotations, shifts and zooms (patients are not positioned identically), gamma
-and blur (exposure and detector sharpness vary between sites), noise. No flips: the
-heart sits on the left and the model may rely on anatomy's asymmetry.
+and blur (exposure and detector sharpness vary between sites), noise, and optionally a
+smooth intensity field (exposure that varies across the film). No flips: the heart
+sits on the left and the model may rely on anatomy's asymmetry.
 """
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from torch.nn import functional as F
 
 
 def augment(
-    x: torch.Tensor, generator: torch.Generator, strength: float = 1.0, zoom_strength: float | None = None
+    x: torch.Tensor, generator: torch.Generator, strength: float = 1.0, zoom_strength: float | None = None,
+    bias_field: float = 0.0,
 ) -> torch.Tensor:
     """x: (N, 1, S, S) in [0, 1]. Returns a new tensor of the same shape.
 
     ``zoom_strength`` scales the zoom and aspect ranges alone (default: ``strength``): squashing
     a film to a square imprints its aspect ratio on the anatomy, and in this dataset the
     pneumonia films are the wider ones, so wide aspect changes keep the classifier from
-    reading the class off the chest's proportions."""
+    reading the class off the chest's proportions.
+
+    ``bias_field``: multiply each film by a smooth random field, exp(bias_field / 2 * f) with f
+    a random quadratic surface over the film (``intensity_field``); 0 (off) draws nothing, so
+    the other augmentations' random draws stay as they were."""
     zoom_strength = strength if zoom_strength is None else zoom_strength
     n = x.shape[0]
 
@@ -40,6 +46,8 @@ def augment(
 
     gamma = torch.exp(uniform(-0.35, 0.35) * strength).view(n, 1, 1, 1).to(x)
     x = x.clamp(0, 1).pow(gamma)
+    if bias_field > 0:
+        x = (x * intensity_field(n, x.shape[-1], bias_field, generator).to(x)).clamp(0, 1)
 
     blur = (torch.rand(n, generator=generator) < 0.3 * strength).view(n, 1, 1, 1).to(x)
     kernel = torch.tensor([1.0, 2.0, 1.0], device=x.device)
@@ -49,3 +57,15 @@ def augment(
 
     noise = torch.randn(x.shape, generator=generator).to(x) * uniform(0, 0.02).view(n, 1, 1, 1).to(x) * strength
     return (x + noise).clamp(0, 1)
+
+
+def intensity_field(n: int, side: int, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """(n, 1, side, side) smooth multiplicative fields: exp(amount / 2 * f), f = a x + b y + c x y +
+    d (x^2 - 1/3) + e (y^2 - 1/3) on [-1, 1]^2 with standard normal coefficients. Exposure that
+    brightens one side or the middle of a film (tube angle, body thickness, a site's processing)
+    changes no diagnosis; with no field in training a model may read it as opacity."""
+    axis = torch.linspace(-1, 1, side)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    basis = torch.stack([x, y, x * y, x**2 - 1 / 3, y**2 - 1 / 3])  # (5, side, side), each of mean ~0
+    coefficients = torch.randn(n, 5, generator=generator)
+    return torch.exp(amount / 2 * torch.einsum("nk,khw->nhw", coefficients, basis)).unsqueeze(1)

@@ -106,6 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoom-strength", type=float, default=2.5,
                         help="scales the zoom and aspect ranges alone (2.5: zooms of ±25%%, aspect ±20%%; the squash "
                              "to a square imprints each film's aspect ratio, which differs between the classes: README)")
+    parser.add_argument("--bias-field", type=float, default=0.0,
+                        help="multiply training films by a smooth random intensity field of this strength "
+                             "(0: off; training/augment.py)")
     parser.add_argument("--stn-lr-scale", type=float, default=0.1,
                         help="the spatial transformer's learning rate as a share of --lr (at 1 its "
                              "localisation net died in every run measured: one fixed warp for all films)")
@@ -139,7 +142,7 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
             continue
-        x = augment(images[index], generator, args.augment_strength, args.zoom_strength).to(device)
+        x = augment(images[index], generator, args.augment_strength, args.zoom_strength, args.bias_field).to(device)
         y = labels[index].to(device)
         if args.mixup > 0:
             x, y = mixup(x, y, args.mixup, generator)
@@ -378,7 +381,7 @@ def _run(args, device, store: ModelStore | None) -> int:
             "recipe": {"select": args.select, "average_epochs": args.average_epochs, "mixup": args.mixup,
                        "label_smoothing": args.label_smoothing,
                        "augment_strength": args.augment_strength, "stn": args.stn, "lr": args.lr, "swa_lr": args.swa_lr,
-                       "zoom_strength": args.zoom_strength,
+                       "zoom_strength": args.zoom_strength, "bias_field": args.bias_field,
                        "stn_lr_scale": args.stn_lr_scale},
             "dry_run": bool(args.dry_run),
         },
