@@ -202,6 +202,15 @@ def test_the_intensity_field_draws_random_numbers_only_when_asked_for():
     assert halves.abs().median() > 0.02  # a flat film comes out brighter on one side
 
 
+@pytest.mark.parametrize("value", ["-0.1", "abc", "nan", "inf"])
+def test_a_bias_field_that_is_not_a_non_negative_number_is_a_clear_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args(["--bias-field", value])
+    assert exit_info.value.code == 2
+    assert "--bias-field: must be a number, 0 (off) or more" in capsys.readouterr().err
+    assert train.get_args_parser().parse_args(["--bias-field", "0.3"]).bias_field == 0.3
+
+
 def test_label_smoothing_pulls_the_targets_in_by_half_of_eps():
     targets = train.smooth_labels(torch.tensor([0.0, 1.0, 0.7]), 0.1)
     assert torch.allclose(targets, torch.tensor([0.05, 0.95, 0.68]))

@@ -74,6 +74,17 @@ def smoothing_amount(text: str) -> float:
     return eps
 
 
+def field_amount(text: str) -> float:
+    """--bias-field's value: 0 (off) or more."""
+    try:
+        amount = float(text)
+    except ValueError:
+        amount = float("nan")
+    if not 0 <= amount < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 (off) or more, not {text!r}")
+    return amount
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=data_dir(), help="dataset folder (train|val|test/NORMAL|PNEUMONIA)")
@@ -106,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoom-strength", type=float, default=2.5,
                         help="scales the zoom and aspect ranges alone (2.5: zooms of ±25%%, aspect ±20%%; the squash "
                              "to a square imprints each film's aspect ratio, which differs between the classes: README)")
-    parser.add_argument("--bias-field", type=float, default=0.0,
+    parser.add_argument("--bias-field", type=field_amount, default=0.0,
                         help="multiply training films by a smooth random intensity field of this strength "
                              "(0: off; training/augment.py)")
     parser.add_argument("--stn-lr-scale", type=float, default=0.1,
