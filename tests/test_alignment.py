@@ -1,5 +1,7 @@
 """The spatial transformer's measured worth: its transform in words, the identity ablation,
 the perturbed test films, and the model card's before/after grid."""
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -79,6 +81,14 @@ def test_perturbations_move_the_film_as_named(picture):
     screen = cv2.warpAffine(picture, cv2.getRotationMatrix2D((31.5, 31.5), 15.0, 1.0), (64, 64),
                             borderMode=cv2.BORDER_REPLICATE)
     assert np.allclose(turned, screen)
+    bar = np.zeros((1, 64, 64), np.float32)
+    bar[0, 22:42, 16:48] = 1  # 20 rows, 32 columns, centred
+    taller = perturb(bar, *robustness.PERTURBATIONS["taller 8% (a wider film)"])[0] > 0.5
+    narrower = perturb(bar, *robustness.PERTURBATIONS["narrower 8% (a wider film)"])[0] > 0.5
+    for stretched, rows, columns in ((taller, 20 * 1.08, 32), (narrower, 20, 32 / 1.08)):
+        found = np.nonzero(stretched)
+        assert np.ptp(found[0]) + 1 == pytest.approx(rows, abs=1) and np.ptp(found[1]) + 1 == pytest.approx(columns, abs=1)
+        assert found[0].mean() == pytest.approx(31.5, abs=0.5) and found[1].mean() == pytest.approx(31.5, abs=0.5)
 
 
 @pytest.fixture
@@ -115,7 +125,21 @@ def test_robustness_prints_a_table_for_both_arms(ablation_run, tmp_path, capsys)
     assert robustness.main(robustness.get_args_parser().parse_args(args)) == 0
     printed = capsys.readouterr().out
     assert "| rotated -15° |" in printed and "| stn | identity |" in printed
-    assert out.exists()
+    assert "normal films' mean logit change on the test split" in printed
+    figures = json.loads(out.read_text())
+    assert set(figures["stn"]["normal_logit_shift"]) == set(robustness.PERTURBATIONS)
+    assert figures["stn"]["normal_logit_shift"]["as is"] == pytest.approx(0, abs=1e-5)
+    assert figures["stn"]["films"] == figures["identity"]["films"] == 24  # the test split
+
+
+def test_robustness_on_each_checkpoints_own_validation_films(ablation_run, tmp_path, capsys):
+    data, paths = ablation_run
+    args = ["--checkpoint", str(paths["stn"]), "--data", str(data), "--split", "validation",
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "figures.json")]
+    assert robustness.main(robustness.get_args_parser().parse_args(args)) == 0
+    assert "AUC on the validation split" in capsys.readouterr().out
+    checkpoint = load_checkpoint(paths["stn"])
+    assert json.loads((tmp_path / "figures.json").read_text())["stn"]["films"] == checkpoint.training_data["validation"]["images"]
 
 
 def test_model_card_shows_the_films_moved_most_before_and_after(ablation_run):

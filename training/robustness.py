@@ -1,11 +1,17 @@
-"""Test AUC of checkpoints on films rotated, shifted and zoomed: what the spatial transformer is worth.
+"""AUC of checkpoints on films rotated, shifted, zoomed and reframed: what the spatial transformer
+is worth, and how much an answer depends on how the film was framed.
 
-    python -m training.robustness --checkpoint A.pt B.pt ... [--json FILE]
+    python -m training.robustness --checkpoint A.pt B.pt ... [--split validation] [--json FILE]
 
 Each perturbation is applied to the preprocessed 64x64 model input (``cv2.warpAffine``,
 bilinear, edges repeated as the network's own sampling does), the same for every
 checkpoint; the AUC ranks raw logits (calibration is monotonic). A checkpoint trained
 with ``--no-stn`` is the ablation: the same recipe with the transform held at identity.
+Beside the AUC it prints how far the normal films' mean logit moves under each
+perturbation: no diagnosis changes when a film is framed taller or narrower (the squash
+to a square does that to a wider film), so a model that moves there reads the framing.
+``--split validation`` measures each checkpoint on its own validation films, so that a
+recipe can be chosen on them.
 """
 from __future__ import annotations
 
@@ -21,13 +27,15 @@ import numpy as np
 from model import CheckpointError, infer_batches, load_checkpoint
 from model.settings import DEFAULT_CACHE_DIR, data_dir
 
-from .data import DatasetError, load_split
+from .data import DatasetError, checkpoint_splits, load_split
 from .metrics import roc_auc
 
 log = logging.getLogger("training")
 
-#: name -> (rotation in degrees anticlockwise, shift as a fraction of the side (x, y), zoom)
-PERTURBATIONS: dict[str, tuple[float, tuple[float, float], float]] = {
+#: name -> (rotation in degrees anticlockwise, shift as a fraction of the side (x, y), zoom[, height])
+#: ``height`` stretches the film vertically on top of the zoom: a film 8% wider than another,
+#: squashed to a square, shows its chest 8% taller against its width.
+PERTURBATIONS: dict[str, tuple] = {
     "as is": (0.0, (0.0, 0.0), 1.0),
     "rotated +10°": (10.0, (0.0, 0.0), 1.0),
     "rotated -10°": (-10.0, (0.0, 0.0), 1.0),
@@ -37,14 +45,20 @@ PERTURBATIONS: dict[str, tuple[float, tuple[float, float], float]] = {
     "shifted -8% (left, up)": (0.0, (-0.08, -0.08), 1.0),
     "zoomed in 10%": (0.0, (0.0, 0.0), 1.1),
     "zoomed out 10%": (0.0, (0.0, 0.0), 0.9),
+    "taller 8% (a wider film)": (0.0, (0.0, 0.0), 1.0, 1.08),
+    "narrower 8% (a wider film)": (0.0, (0.0, 0.0), 1 / 1.08, 1.08),
+    "shorter 8% (a narrower film)": (0.0, (0.0, 0.0), 1.0, 1 / 1.08),
 }
 
 
-def perturb(images: np.ndarray, angle: float, shift: tuple[float, float], zoom: float) -> np.ndarray:
-    """(N, S, S) -> the same films turned about their centre, zoomed and moved."""
+def perturb(images: np.ndarray, angle: float, shift: tuple[float, float], zoom: float,
+            height: float = 1.0) -> np.ndarray:
+    """(N, S, S) -> the same films turned about their centre, zoomed, stretched vertically and moved."""
     side = images.shape[-1]
     centre = ((side - 1) / 2, (side - 1) / 2)
     matrix = cv2.getRotationMatrix2D(centre, angle, zoom)
+    matrix[1] *= height
+    matrix[1, 2] += (1 - height) * centre[1]
     matrix[:, 2] += np.asarray(shift) * side
     return np.stack([
         cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
@@ -58,11 +72,21 @@ def robustness(model, images: np.ndarray, labels: np.ndarray) -> dict[str, float
             for name, how in PERTURBATIONS.items()}
 
 
+def normal_shift(model, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How far the normal films' mean logit moves under every perturbation (positive: towards pneumonia)."""
+    normal = labels == 0
+    before = infer_batches(model, images[normal]).logits
+    return {name: float(np.mean(infer_batches(model, perturb(images[normal], *how)).logits - before))
+            for name, how in PERTURBATIONS.items()}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, nargs="+", required=True)
     parser.add_argument("--data", type=Path, default=data_dir())
-    parser.add_argument("--split", choices=("val", "test"), default="test")
+    parser.add_argument("--split", choices=("test", "validation", "val"), default="test",
+                        help="validation: each checkpoint's own validation films (carved from train/); "
+                             "val: the dataset's val/ folder")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser
@@ -75,25 +99,36 @@ def main(args) -> int:
         params = checkpoints[0].preprocess
         if any(c.preprocess != params for c in checkpoints):
             raise CheckpointError("the checkpoints were trained on different preprocessing")
-        split = load_split(args.data, args.split, params, args.cache_dir, progress=False)
+        splits = [films(args, checkpoint) for checkpoint in checkpoints]
     except (CheckpointError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
     figures = {}
-    for path, checkpoint in zip(args.checkpoint, checkpoints):
+    for path, checkpoint, split in zip(args.checkpoint, checkpoints, splits):
         figures[path.stem] = {
-            "stn": checkpoint.network.stn, "version": checkpoint.version,
+            "stn": checkpoint.network.stn, "version": checkpoint.version, "films": len(split),
             "auc": robustness(checkpoint.model, split.images, split.labels),
+            "normal_logit_shift": normal_shift(checkpoint.model, split.images, split.labels),
         }
     names = list(figures)
-    print(f"AUC on the {args.split} split ({len(split)} films)")
-    print("| films | " + " | ".join(names) + " |")
-    print("| --- " * (len(names) + 1) + "|")
-    for condition in PERTURBATIONS:
-        print(f"| {condition} | " + " | ".join(f"{figures[n]['auc'][condition]:.4f}" for n in names) + " |")
+    films_counted = ", ".join(sorted({str(f["films"]) for f in figures.values()}))
+    for title, key, fmt in (("AUC", "auc", "{:.4f}"), ("normal films' mean logit change", "normal_logit_shift", "{:+.2f}")):
+        print(f"{title} on the {args.split} split ({films_counted} films)")
+        print("| films | " + " | ".join(names) + " |")
+        print("| --- " * (len(names) + 1) + "|")
+        for condition in PERTURBATIONS:
+            print(f"| {condition} | " + " | ".join(fmt.format(figures[n][key][condition]) for n in names) + " |")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def films(args, checkpoint):
+    """The split to perturb: a dataset folder, or the checkpoint's own validation films."""
+    if args.split != "validation":
+        return load_split(args.data, args.split, checkpoint.preprocess, args.cache_dir, progress=False)
+    return checkpoint_splits(checkpoint.training_data, args.data, checkpoint.preprocess, args.cache_dir,
+                             progress=False)[1]
 
 
 if __name__ == "__main__":
