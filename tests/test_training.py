@@ -202,13 +202,71 @@ def test_the_intensity_field_draws_random_numbers_only_when_asked_for():
     assert halves.abs().median() > 0.02  # a flat film comes out brighter on one side
 
 
+@pytest.mark.parametrize("option", ["--bias-field", "--consistency"])
 @pytest.mark.parametrize("value", ["-0.1", "abc", "nan", "inf"])
-def test_a_bias_field_that_is_not_a_non_negative_number_is_a_clear_usage_error(value, capsys):
+def test_an_amount_that_is_not_a_non_negative_number_is_a_clear_usage_error(option, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.get_args_parser().parse_args(["--bias-field", value])
+        train.get_args_parser().parse_args([option, value])
     assert exit_info.value.code == 2
-    assert "--bias-field: must be a number, 0 (off) or more" in capsys.readouterr().err
-    assert train.get_args_parser().parse_args(["--bias-field", "0.3"]).bias_field == 0.3
+    assert f"{option}: must be a number, 0 (off) or more" in capsys.readouterr().err
+    parsed = train.get_args_parser().parse_args([option, "0.3"])
+    assert getattr(parsed, option[2:].replace("-", "_")) == 0.3
+
+
+def test_mixup_with_consistency_is_refused_before_any_work(tmp_path, caplog):
+    out = tmp_path / "ck.pt"
+    assert run_train("--data", str(tmp_path / "absent"), "--out", str(out), "--mixup", "0.2", "--consistency", "0.1") == 2
+    assert "--mixup and --consistency do not go together" in caplog.text and not out.exists()
+
+
+class Recorder(torch.nn.Module):
+    """A one-weight network that keeps every batch it is given and the logits it returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(4.0))
+        self.calls = []
+
+    def forward(self, x):
+        logits = self.weight * (x.mean(dim=(1, 2, 3)) - 0.5)
+        self.calls.append((x.detach().clone(), logits.detach().clone()))
+        return logits
+
+
+def one_step(consistency: float, strength: float):
+    """Train ``Recorder`` for one step on 8 films with a batch of 16 images; (loss, recorder, labels)."""
+    images = np.linspace(0.1, 0.9, 8, dtype=np.float32)[:, None, None] * np.ones((8, 16, 16), np.float32)
+    split = data_module.Split(images, np.array([0, 1] * 4), [f"f{i}" for i in range(8)])
+    args = argparse.Namespace(batch_size=16 if consistency else 8, consistency=consistency,
+                              augment_strength=strength, zoom_strength=strength, bias_field=0.0, mixup=0.0,
+                              label_smoothing=0.0, dry_run=False)
+    model = Recorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    bar = train.tqdm(disable=True)
+    loss = train.train_one_epoch(model, optimizer, schedule, split, args, torch.Generator().manual_seed(0), "cpu",
+                                 torch.tensor(1.0), bar)
+    return loss, model, torch.from_numpy(split.labels).float()
+
+
+def test_consistency_trains_on_two_views_of_each_film_and_penalises_their_disagreement():
+    _, plain, _ = one_step(consistency=1.0, strength=0.0)  # no augmentation: the two views are the film itself
+    (x, _), = plain.calls
+    assert x.shape[0] == 16 and torch.equal(x[:8], x[8:])  # the same 8 films, in the same order, twice
+    films = torch.round((x[:8].mean(dim=(1, 2, 3)) - 0.1) / 0.8 * 7).long()  # which film is where (shuffled)
+    assert sorted(films.tolist()) == list(range(8))
+    loss, model, labels = one_step(consistency=1.0, strength=1.5)  # same seed: the same shuffle
+    (x, logits), = model.calls
+    assert not torch.allclose(x[:8], x[8:])  # each view drawn on its own
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[films].repeat(2))
+    disagreement = (logits[:8] - logits[8:]).pow(2).mean()
+    assert disagreement > 1e-4
+    assert loss == pytest.approx((bce + disagreement).item(), rel=1e-5)
+    off, model, labels = one_step(consistency=0.0, strength=1.5)  # off: one view of 8 films, no penalty
+    (x, logits), = model.calls
+    assert x.shape[0] == 8
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[films])
+    assert off == pytest.approx(bce.item(), rel=1e-5)
 
 
 def test_label_smoothing_pulls_the_targets_in_by_half_of_eps():

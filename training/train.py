@@ -74,8 +74,8 @@ def smoothing_amount(text: str) -> float:
     return eps
 
 
-def field_amount(text: str) -> float:
-    """--bias-field's value: 0 (off) or more."""
+def off_or_amount(text: str) -> float:
+    """--bias-field's and --consistency's value: 0 (off) or more."""
     try:
         amount = float(text)
     except ValueError:
@@ -91,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", type=Path, default=model_store_dir(), help="model store to add the candidate to")
     parser.add_argument("--out", type=Path, default=None,
                         help="write a checkpoint file (and FILE.metrics.json) instead of a store candidate")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="passes over the training films (with --consistency each pass shows every film twice)")
     parser.add_argument("--members", type=int, default=1, help="networks in the ensemble, each from its own seed")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
@@ -117,9 +118,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoom-strength", type=float, default=2.5,
                         help="scales the zoom and aspect ranges alone (2.5: zooms of ±25%%, aspect ±20%%; the squash "
                              "to a square imprints each film's aspect ratio, which differs between the classes: README)")
-    parser.add_argument("--bias-field", type=field_amount, default=0.0,
+    parser.add_argument("--bias-field", type=off_or_amount, default=0.0,
                         help="multiply training films by a smooth random intensity field of this strength "
                              "(0: off; training/augment.py)")
+    parser.add_argument("--consistency", type=off_or_amount, default=0.0,
+                        help="two augmented views of each film in a batch (half as many films a step, twice the "
+                             "steps an epoch) and this weight on the squared difference of their logits (0: one "
+                             "view, no penalty): a diagnosis does not depend on how the film was framed (README)")
     parser.add_argument("--stn-lr-scale", type=float, default=0.1,
                         help="the spatial transformer's learning rate as a share of --lr (at 1 its "
                              "localisation net died in every run measured: one fixed warp for all films)")
@@ -146,20 +151,26 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
     order = torch.randperm(len(split), generator=generator)
     images = torch.from_numpy(split.images).unsqueeze(1)
     labels = torch.from_numpy(split.labels).float()
-    batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    views, films = batch_layout(args)
+    batches = [order[i : i + films] for i in range(0, len(order), films)]
     if args.dry_run:
         batches = batches[:DRY_RUN_BATCHES]
     total, count = 0.0, 0
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
             continue
-        x = augment(images[index], generator, args.augment_strength, args.zoom_strength, args.bias_field).to(device)
-        y = labels[index].to(device)
+        x = torch.cat([augment(images[index], generator, args.augment_strength, args.zoom_strength, args.bias_field)
+                       for _ in range(views)]).to(device)
+        y = labels[index].repeat(views).to(device)
         if args.mixup > 0:
             x, y = mixup(x, y, args.mixup, generator)
         if args.label_smoothing > 0:
             y = smooth_labels(y, args.label_smoothing)
-        loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pos_weight)
+        logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+        if views == 2:
+            first, second = logits.view(2, -1)
+            loss = loss + args.consistency * (first - second).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -169,6 +180,12 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, args, generator, 
         bar.update(1)
         bar.set_postfix_str(f"loss {total / count:.4f}", refresh=False)
     return total / max(count, 1)
+
+
+def batch_layout(args) -> tuple[int, int]:
+    """(views of each film, films) in a batch of --batch-size images."""
+    views = 2 if args.consistency > 0 else 1
+    return views, max(args.batch_size // views, 1)
 
 
 def smooth_labels(y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -233,7 +250,7 @@ def train_member(args, member: int, train: Split, val: Split, device) -> tuple[P
     optimizer = torch.optim.AdamW([{"params": rest, "lr": args.lr},
                                    {"params": stn, "lr": args.lr * args.stn_lr_scale}],
                                   lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = -(-len(train) // args.batch_size)
+    steps_per_epoch = -(-len(train) // batch_layout(args)[1])
     if args.dry_run:
         steps_per_epoch = min(steps_per_epoch, DRY_RUN_BATCHES)
     scheduler = learning_rate_schedule(optimizer, args, steps_per_epoch)
@@ -320,6 +337,10 @@ def main(args) -> int:
         log.error("%s is the bundled checkpoint, which no command writes: train into the store "
                   "(no --out) or name another file", args.out)
         return 2
+    if args.mixup > 0 and args.consistency > 0:
+        log.error("--mixup and --consistency do not go together: mixup blends the two views of a film with "
+                  "different partners, so they could no longer be compared; choose one")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -393,7 +414,7 @@ def _run(args, device, store: ModelStore | None) -> int:
                        "label_smoothing": args.label_smoothing,
                        "augment_strength": args.augment_strength, "stn": args.stn, "lr": args.lr, "swa_lr": args.swa_lr,
                        "zoom_strength": args.zoom_strength, "bias_field": args.bias_field,
-                       "stn_lr_scale": args.stn_lr_scale},
+                       "stn_lr_scale": args.stn_lr_scale, "consistency": args.consistency},
             "dry_run": bool(args.dry_run),
         },
         calibration=calibration,
