@@ -87,7 +87,8 @@ def test_perturbations_move_the_film_as_named(picture):
     narrower = perturb(bar, *robustness.PERTURBATIONS["narrower 8% (a wider film)"])[0] > 0.5
     for stretched, rows, columns in ((taller, 20 * 1.08, 32), (narrower, 20, 32 / 1.08)):
         found = np.nonzero(stretched)
-        assert np.ptp(found[0]) + 1 == pytest.approx(rows, abs=1) and np.ptp(found[1]) + 1 == pytest.approx(columns, abs=1)
+        assert np.ptp(found[0]) + 1 == pytest.approx(rows, abs=1)
+        assert np.ptp(found[1]) + 1 == pytest.approx(columns, abs=1)
         assert found[0].mean() == pytest.approx(31.5, abs=0.5) and found[1].mean() == pytest.approx(31.5, abs=0.5)
 
 
@@ -139,7 +140,8 @@ def test_robustness_on_each_checkpoints_own_validation_films(ablation_run, tmp_p
     assert robustness.main(robustness.get_args_parser().parse_args(args)) == 0
     assert "AUC on the validation split" in capsys.readouterr().out
     checkpoint = load_checkpoint(paths["stn"])
-    assert json.loads((tmp_path / "figures.json").read_text())["stn"]["films"] == checkpoint.training_data["validation"]["images"]
+    films = json.loads((tmp_path / "figures.json").read_text())["stn"]["films"]
+    assert films == checkpoint.training_data["validation"]["images"]
 
 
 def test_model_card_shows_the_films_moved_most_before_and_after(ablation_run):

@@ -215,7 +215,8 @@ def test_an_amount_that_is_not_a_non_negative_number_is_a_clear_usage_error(opti
 
 def test_mixup_with_consistency_is_refused_before_any_work(tmp_path, caplog):
     out = tmp_path / "ck.pt"
-    assert run_train("--data", str(tmp_path / "absent"), "--out", str(out), "--mixup", "0.2", "--consistency", "0.1") == 2
+    code = run_train("--data", str(tmp_path / "absent"), "--out", str(out), "--mixup", "0.2", "--consistency", "0.1")
+    assert code == 2
     assert "--mixup and --consistency do not go together" in caplog.text and not out.exists()
 
 

@@ -112,7 +112,8 @@ def main(args) -> int:
         }
     names = list(figures)
     films_counted = ", ".join(sorted({str(f["films"]) for f in figures.values()}))
-    for title, key, fmt in (("AUC", "auc", "{:.4f}"), ("normal films' mean logit change", "normal_logit_shift", "{:+.2f}")):
+    tables = (("AUC", "auc", "{:.4f}"), ("normal films' mean logit change", "normal_logit_shift", "{:+.2f}"))
+    for title, key, fmt in tables:
         print(f"{title} on the {args.split} split ({films_counted} films)")
         print("| films | " + " | ".join(names) + " |")
         print("| --- " * (len(names) + 1) + "|")
