@@ -91,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", type=Path, default=model_store_dir(), help="model store to add the candidate to")
     parser.add_argument("--out", type=Path, default=None,
                         help="write a checkpoint file (and FILE.metrics.json) instead of a store candidate")
-    parser.add_argument("--epochs", type=int, default=30,
+    parser.add_argument("--epochs", type=int, default=15,
                         help="passes over the training films (with --consistency each pass shows every film twice)")
     parser.add_argument("--members", type=int, default=1, help="networks in the ensemble, each from its own seed")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -103,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--select", choices=("best", "average"), default="average",
                         help="best: the epoch with the best validation AUC; average: the mean weights of the "
                              "last --average-epochs epochs (batch-norm statistics recomputed)")
-    parser.add_argument("--average-epochs", type=int, default=5)
+    parser.add_argument("--average-epochs", type=int, default=3)
     parser.add_argument("--swa-lr", type=float, default=0.0,
                         help="with --select average: the last --average-epochs epochs run at this constant "
                              "learning rate (stochastic weight averaging, Izmailov et al. 2018) after a one-cycle "
@@ -121,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bias-field", type=off_or_amount, default=0.0,
                         help="multiply training films by a smooth random intensity field of this strength "
                              "(0: off; training/augment.py)")
-    parser.add_argument("--consistency", type=off_or_amount, default=0.0,
+    parser.add_argument("--consistency", type=off_or_amount, default=0.1,
                         help="two augmented views of each film in a batch (half as many films a step, twice the "
                              "steps an epoch) and this weight on the squared difference of their logits (0: one "
                              "view, no penalty): a diagnosis does not depend on how the film was framed (README)")
