@@ -339,7 +339,7 @@ def main(args) -> int:
         return 2
     if args.mixup > 0 and args.consistency > 0:
         log.error("--mixup and --consistency do not go together: mixup blends the two views of a film with "
-                  "different partners, so they could no longer be compared; choose one")
+                  "different partners, so they could no longer be compared; choose one (--consistency 0 turns it off)")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
