@@ -66,18 +66,22 @@ def perturb(images: np.ndarray, angle: float, shift: tuple[float, float], zoom: 
     ])
 
 
-def robustness(model, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """AUC under every perturbation in ``PERTURBATIONS``."""
-    return {name: roc_auc(labels, infer_batches(model, perturb(images, *how)).logits)
-            for name, how in PERTURBATIONS.items()}
+def perturbed_logits(model, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's logits for every film under every perturbation in ``PERTURBATIONS``."""
+    return {name: infer_batches(model, perturb(images, *how)).logits for name, how in PERTURBATIONS.items()}
 
 
-def normal_shift(model, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def robustness(model, images: np.ndarray, labels: np.ndarray,
+               logits: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """AUC under every perturbation (``logits``: from ``perturbed_logits``, when already computed)."""
+    logits = perturbed_logits(model, images) if logits is None else logits
+    return {name: roc_auc(labels, scores) for name, scores in logits.items()}
+
+
+def normal_shift(logits: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
     """How far the normal films' mean logit moves under every perturbation (positive: towards pneumonia)."""
     normal = labels == 0
-    before = infer_batches(model, images[normal]).logits
-    return {name: float(np.mean(infer_batches(model, perturb(images[normal], *how)).logits - before))
-            for name, how in PERTURBATIONS.items()}
+    return {name: float(np.mean(scores[normal] - logits["as is"][normal])) for name, scores in logits.items()}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -105,10 +109,11 @@ def main(args) -> int:
         return 2
     figures = {}
     for path, checkpoint, split in zip(args.checkpoint, checkpoints, splits):
+        logits = perturbed_logits(checkpoint.model, split.images)  # one pass per perturbation serves both tables
         figures[path.stem] = {
             "stn": checkpoint.network.stn, "version": checkpoint.version, "films": len(split),
-            "auc": robustness(checkpoint.model, split.images, split.labels),
-            "normal_logit_shift": normal_shift(checkpoint.model, split.images, split.labels),
+            "auc": robustness(checkpoint.model, split.images, split.labels, logits),
+            "normal_logit_shift": normal_shift(logits, split.labels),
         }
     names = list(figures)
     films_counted = ", ".join(sorted({str(f["films"]) for f in figures.values()}))

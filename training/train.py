@@ -63,26 +63,23 @@ log = logging.getLogger("training")
 DRY_RUN_BATCHES = 3
 
 
-def smoothing_amount(text: str) -> float:
-    """--label-smoothing's value: 0 (off) up to, not including, 1 (every target 0.5)."""
-    try:
-        eps = float(text)
-    except ValueError:
-        eps = float("nan")
-    if not 0 <= eps < 1:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 1, not {text!r}")
-    return eps
+def number_from(low: float, high: float, wanted: str):
+    """An argparse type: a number with low <= x < high, else a usage error that says ``wanted``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # fails the check below
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
+        return value
+    return parse
 
 
-def off_or_amount(text: str) -> float:
-    """--bias-field's and --consistency's value: 0 (off) or more."""
-    try:
-        amount = float(text)
-    except ValueError:
-        amount = float("nan")
-    if not 0 <= amount < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number, 0 (off) or more, not {text!r}")
-    return amount
+#: --label-smoothing: 0 (off) up to, not including, 1 (every target 0.5).
+smoothing_amount = number_from(0, 1, "a number from 0 up to (not including) 1")
+#: --bias-field and --consistency: 0 (off) or more.
+off_or_amount = number_from(0, float("inf"), "a number, 0 (off) or more")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
