@@ -92,6 +92,17 @@ def test_perturbations_move_the_film_as_named(picture):
         assert found[0].mean() == pytest.approx(31.5, abs=0.5) and found[1].mean() == pytest.approx(31.5, abs=0.5)
 
 
+def test_the_exposure_row_gives_each_film_its_own_smooth_field_the_same_for_every_checkpoint():
+    flat = np.full((64, 32, 32), 0.5, np.float32)
+    exposed = robustness.expose(flat)
+    assert np.array_equal(exposed, robustness.expose(flat))  # a fixed draw: every checkpoint sees the same films
+    halves = exposed[..., :16].mean(axis=(1, 2)) - exposed[..., 16:].mean(axis=(1, 2))
+    assert np.median(np.abs(halves)) > 0.01  # brighter on one side
+    assert len(np.unique(exposed.reshape(64, -1), axis=0)) == 64  # each film its own field
+    assert np.median(np.abs(exposed / 0.5 - 1)) < 0.15  # mild: typically within ±9%
+    assert exposed.dtype == np.float32 and exposed.min() >= 0 and exposed.max() <= 1
+
+
 @pytest.fixture
 def ablation_run(tiny_dataset, tmp_path):
     """A dry run with the transform held at identity, and one with the STN."""
@@ -109,7 +120,7 @@ def test_training_records_alignment_and_robustness_and_the_ablation_flag(ablatio
     stn, identity = load_checkpoint(paths["stn"]), load_checkpoint(paths["identity"])
     assert stn.network.stn and not identity.network.stn
     assert identity.training_data["recipe"]["stn"] is False
-    assert set(stn.metrics["robustness"]) == set(robustness.PERTURBATIONS)
+    assert set(stn.metrics["robustness"]) == set(robustness.CONDITIONS)
     alignment = stn.metrics["alignment"]
     assert alignment["films"] == stn.training_data["test"]["images"] and len(alignment["largest"]) == 8
     moves = [film["movement"] for film in alignment["largest"]]
@@ -125,10 +136,11 @@ def test_robustness_prints_a_table_for_both_arms(ablation_run, tmp_path, capsys)
             "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
     assert robustness.main(robustness.get_args_parser().parse_args(args)) == 0
     printed = capsys.readouterr().out
-    assert "| rotated -15° |" in printed and "| stn | identity |" in printed
+    assert "| rotated -15° |" in printed and "| exposure field, exp(0.1 f) |" in printed
+    assert "| stn | identity |" in printed
     assert "normal films' mean logit change on the test split" in printed
     figures = json.loads(out.read_text())
-    assert set(figures["stn"]["normal_logit_shift"]) == set(robustness.PERTURBATIONS)
+    assert set(figures["stn"]["normal_logit_shift"]) == set(robustness.CONDITIONS)
     assert figures["stn"]["normal_logit_shift"]["as is"] == pytest.approx(0, abs=1e-5)
     assert figures["stn"]["films"] == figures["identity"]["films"] == 24  # the test split
 

@@ -1,11 +1,13 @@
-"""AUC of checkpoints on films rotated, shifted, zoomed and reframed: what the spatial transformer
-is worth, and how much an answer depends on how the film was framed.
+"""AUC of checkpoints on films rotated, shifted, zoomed, reframed and unevenly exposed: what the
+spatial transformer is worth, and how much an answer depends on how the film was framed and exposed.
 
     python -m training.robustness --checkpoint A.pt B.pt ... [--split validation] [--json FILE]
 
 Each perturbation is applied to the preprocessed 64x64 model input (``cv2.warpAffine``,
 bilinear, edges repeated as the network's own sampling does), the same for every
-checkpoint; the AUC ranks raw logits (calibration is monotonic). A checkpoint trained
+checkpoint, and so is the last row's smooth exposure field (one fixed draw per film of
+``training.augment.intensity_field``, exp(0.1 f): typically ±9%); the AUC ranks raw logits
+(calibration is monotonic). A checkpoint trained
 with ``--no-stn`` is the ablation: the same recipe with the transform held at identity.
 Beside the AUC it prints how far the normal films' mean logit moves under each
 perturbation: no diagnosis changes when a film is framed taller or narrower (the squash
@@ -23,10 +25,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from model import CheckpointError, infer_batches, load_checkpoint
 from model.settings import DEFAULT_CACHE_DIR, data_dir
 
+from .augment import intensity_field
 from .data import DatasetError, checkpoint_splits, load_split
 from .metrics import roc_auc
 
@@ -49,6 +53,9 @@ PERTURBATIONS: dict[str, tuple] = {
     "narrower 8% (a wider film)": (0.0, (0.0, 0.0), 1 / 1.08, 1.08),
     "shorter 8% (a narrower film)": (0.0, (0.0, 0.0), 1.0, 1 / 1.08),
 }
+EXPOSED = "exposure field, exp(0.1 f)"
+#: Every row the tables print: the geometric perturbations, then the exposure field.
+CONDITIONS = (*PERTURBATIONS, EXPOSED)
 
 
 def perturb(images: np.ndarray, angle: float, shift: tuple[float, float], zoom: float,
@@ -66,9 +73,18 @@ def perturb(images: np.ndarray, angle: float, shift: tuple[float, float], zoom: 
     ])
 
 
+def expose(images: np.ndarray, amount: float = 0.2, seed: int = 0) -> np.ndarray:
+    """(N, S, S) -> each film times its own smooth field exp(amount / 2 * f), drawn from ``seed``:
+    the same fields for every checkpoint, so their rows compare."""
+    field = intensity_field(len(images), images.shape[-1], amount, torch.Generator().manual_seed(seed))[:, 0]
+    return np.clip(images * field.numpy(), 0, 1).astype(np.float32)
+
+
 def perturbed_logits(model, images: np.ndarray) -> dict[str, np.ndarray]:
-    """The model's logits for every film under every perturbation in ``PERTURBATIONS``."""
-    return {name: infer_batches(model, perturb(images, *how)).logits for name, how in PERTURBATIONS.items()}
+    """The model's logits for every film under every condition in ``CONDITIONS``."""
+    logits = {name: infer_batches(model, perturb(images, *how)).logits for name, how in PERTURBATIONS.items()}
+    logits[EXPOSED] = infer_batches(model, expose(images)).logits
+    return logits
 
 
 def robustness(model, images: np.ndarray, labels: np.ndarray,
@@ -122,7 +138,7 @@ def main(args) -> int:
         print(f"{title} on the {args.split} split ({films_counted} films)")
         print("| films | " + " | ".join(names) + " |")
         print("| --- " * (len(names) + 1) + "|")
-        for condition in PERTURBATIONS:
+        for condition in CONDITIONS:
             print(f"| {condition} | " + " | ".join(fmt.format(figures[n][key][condition]) for n in names) + " |")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
