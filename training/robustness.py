@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -53,9 +54,6 @@ PERTURBATIONS: dict[str, tuple] = {
     "narrower 8% (a wider film)": (0.0, (0.0, 0.0), 1 / 1.08, 1.08),
     "shorter 8% (a narrower film)": (0.0, (0.0, 0.0), 1.0, 1 / 1.08),
 }
-EXPOSED = "exposure field, exp(0.1 f)"
-#: Every row the tables print: the geometric perturbations, then the exposure field.
-CONDITIONS = (*PERTURBATIONS, EXPOSED)
 
 
 def perturb(images: np.ndarray, angle: float, shift: tuple[float, float], zoom: float,
@@ -80,11 +78,17 @@ def expose(images: np.ndarray, amount: float = 0.2, seed: int = 0) -> np.ndarray
     return np.clip(images * field.numpy(), 0, 1).astype(np.float32)
 
 
+#: Every row the tables print, as name -> (N, S, S) films -> the films changed so: the
+#: geometric perturbations, then the exposure field.
+CONDITIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    **{name: (lambda images, how=how: perturb(images, *how)) for name, how in PERTURBATIONS.items()},
+    "exposure field, exp(0.1 f)": expose,
+}
+
+
 def perturbed_logits(model, images: np.ndarray) -> dict[str, np.ndarray]:
     """The model's logits for every film under every condition in ``CONDITIONS``."""
-    logits = {name: infer_batches(model, perturb(images, *how)).logits for name, how in PERTURBATIONS.items()}
-    logits[EXPOSED] = infer_batches(model, expose(images)).logits
-    return logits
+    return {name: infer_batches(model, change(images)).logits for name, change in CONDITIONS.items()}
 
 
 def robustness(model, images: np.ndarray, labels: np.ndarray,
