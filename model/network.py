@@ -230,7 +230,11 @@ class FusedConvReLU(nn.Module):
             raise ValueError(f"not a zero-padded convolution with explicit padding: {conv}")
         self.conv = conv
         self.settings = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        self.packed: dict[tuple[int, ...], torch.Tensor] = {}  # input shape -> weights in oneDNN's layout
+        # (input shape, torch threads) -> weights in oneDNN's layout. oneDNN picks the layout
+        # for the thread count too: weights packed under two threads and run under one (a
+        # gunicorn master loads and checks the model before its workers set their thread
+        # count) are reordered again on every call, and a prediction takes 3-5x as long.
+        self.packed: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed weights behind (oneDNN's layout has no storage
@@ -247,8 +251,9 @@ class FusedConvReLU(nn.Module):
         if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
             return F.relu(self.conv(x))
         shape = tuple(x.shape)
-        weight = self.packed.get(shape)
-        if weight is None:  # once per input shape (the model's input size is fixed)
+        key = (shape, torch.get_num_threads())
+        weight = self.packed.get(key)
+        if weight is None:  # once per input shape and thread count (the model's input size is fixed)
             weight = torch.ops.mkldnn._reorder_convolution_weight(self.conv.weight.detach(), *self.settings, list(shape))
-            self.packed[shape] = weight
+            self.packed[key] = weight
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.conv.bias, *self.settings, "relu", [], "")

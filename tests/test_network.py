@@ -66,10 +66,31 @@ def test_a_fused_convolution_gives_the_convolution_and_its_relu(channels, groups
             out = fused(x)
             torch.testing.assert_close(out, torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
             assert (out >= 0).all()
-        assert list(fused.packed) == [(1, channels, 32, 24)]  # packed once, for the one image's shape
+        assert list(fused.packed) == [((1, channels, 32, 24), torch.get_num_threads())]  # packed once, for that shape
         copied = copy.deepcopy(fused)  # the packed weights stay behind and are packed again
         assert copied.packed == {}
         torch.testing.assert_close(copied(x[:1]), fused(x[:1]))
+
+
+@needs_onednn
+def test_weights_are_packed_again_for_another_thread_count():
+    # A gunicorn master checks the model under all the cores' threads, then each worker
+    # sets one: weights laid out for two threads made every call under one 5x slower.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1).eval()
+    fused = FusedConvReLU(conv)
+    x = torch.randn(1, 8, 32, 24).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(2)
+            two = fused(x)
+            torch.set_num_threads(1)
+            one = fused(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(fused.packed) == [((1, 8, 32, 24), 1), ((1, 8, 32, 24), 2)]
+    torch.testing.assert_close(one, two)
 
 
 @needs_onednn
