@@ -75,7 +75,7 @@ def test_a_fused_convolution_gives_the_convolution_and_its_relu(channels, groups
 @needs_onednn
 def test_weights_are_packed_again_for_another_thread_count():
     # A gunicorn master checks the model under all the cores' threads, then each worker
-    # sets one: weights laid out for two threads made every call under one 5x slower.
+    # sets one: weights laid out for two threads were reordered on every call under one.
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 3, padding=1).eval()
     fused = FusedConvReLU(conv)
