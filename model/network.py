@@ -211,18 +211,23 @@ def to_channels_last(module: nn.Module) -> nn.Module:
 
 
 class FusedConvReLU(nn.Module):
-    """A convolution and the ReLU after it, for inference: a single image goes to oneDNN's
-    convolution with the ReLU fused in and the weights laid out once for that image's shape.
+    """A convolution and the ReLU after it, for inference: oneDNN's convolution with the ReLU
+    fused in and the weights laid out once for the input's shape and the thread count.
 
-    For one image PyTorch sends these small convolutions to its im2col kernel, or to oneDNN
-    with the weights reordered on every call, and runs the ReLU as a pass of its own. A
-    network's first convolution (one input channel) gains most: 80-110 us against 170-240
-    for 8 to 32 channels at 64 px, one thread. A prediction takes 6-10% less time
-    (interleaved A/B, README), with the same answers.
+    Otherwise PyTorch sends a single image's small convolutions to its im2col kernel, or to
+    oneDNN with the weights reordered on every call, and runs the ReLU as a pass of its own;
+    a batch's go to oneDNN with the weights reordered on every call. A network's first
+    convolution (one input channel) gains most: 80-110 us against 170-240 for 8 to 32
+    channels at 64 px, one thread. A prediction takes 6-10% less time, a film in a batch of
+    2 to 64 25-40% less (interleaved A/Bs, README), with the same answers.
     The oneDNN operators are those PyTorch's own compiler emits (``torch.ops.mkldnn``); where
-    a build lacks them, ``to_channels_last`` keeps the plain convolution. Batches go to the
-    convolution itself.
+    a build lacks them, ``to_channels_last`` keeps the plain convolution.
     """
+
+    # Layouts kept at once, one per batch size and thread count seen (the served networks'
+    # weights take 1.8 MB a layout): more than a server meets (1-4 films coalesced, up to 20
+    # in a batch request, 512 in the scripts); past it the cache starts again, never grows.
+    MAX_PACKED = 16
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -231,9 +236,10 @@ class FusedConvReLU(nn.Module):
         self.conv = conv
         self.settings = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         # (input shape, torch threads) -> weights in oneDNN's layout. oneDNN picks the layout
-        # for the thread count too: weights packed under two threads and run under one (a
-        # gunicorn master loads and checks the model before its workers set their thread
-        # count) are reordered again on every call, and a prediction takes 3-5x as long.
+        # for the batch size and the thread count too (how the work divides among threads):
+        # weights packed under two threads and run under one (a gunicorn master loads and
+        # checks the model before its workers set their thread count) were reordered again
+        # on every call, and a prediction took 3x as long.
         self.packed: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
 
     def __getstate__(self) -> dict:
@@ -248,12 +254,14 @@ class FusedConvReLU(nn.Module):
                 and hasattr(ops, "_reorder_convolution_weight"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
             return F.relu(self.conv(x))
         shape = tuple(x.shape)
         key = (shape, torch.get_num_threads())
         weight = self.packed.get(key)
-        if weight is None:  # once per input shape and thread count (the model's input size is fixed)
+        if weight is None:  # once per batch size and thread count (the model's input size is fixed)
+            if len(self.packed) >= self.MAX_PACKED:
+                self.packed.clear()  # one call: safe while other threads read the dict
             weight = torch.ops.mkldnn._reorder_convolution_weight(self.conv.weight.detach(), *self.settings, list(shape))
             self.packed[key] = weight
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.conv.bias, *self.settings, "relu", [], "")

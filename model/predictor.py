@@ -154,7 +154,7 @@ class Predictor:
         return self._assemble(self._finish(raw, model_input[None]), 0, model_input, facts, age_years, heat)
 
     def _predict_prepared(self, items: list[tuple[np.ndarray, FilmFacts, float | None]]) -> list[Prediction]:
-        """The ``Coalescer``'s batch: one film alone takes the single-image path (its fused kernels)."""
+        """The ``Coalescer``'s batch: one film alone takes the single-image path (no stacking, no copies)."""
         if len(items) == 1:
             return [self._predict_one(*items[0])]
         inputs = np.stack([model_input for model_input, _, _ in items])

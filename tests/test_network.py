@@ -61,12 +61,13 @@ def test_a_fused_convolution_gives_the_convolution_and_its_relu(channels, groups
     conv = torch.nn.Conv2d(channels, 16, 3, padding=1, groups=groups).eval()
     fused = FusedConvReLU(conv)
     with torch.inference_mode():
-        for x in torch.randn(1, channels, 32, 24), torch.randn(3, channels, 32, 24):  # one image (oneDNN, packed), a batch
+        for x in torch.randn(1, channels, 32, 24), torch.randn(3, channels, 32, 24), torch.randn(1, channels, 32, 24):
             x = x.contiguous(memory_format=torch.channels_last)
             out = fused(x)
             torch.testing.assert_close(out, torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
             assert (out >= 0).all()
-        assert list(fused.packed) == [((1, channels, 32, 24), torch.get_num_threads())]  # packed once, for that shape
+        threads = torch.get_num_threads()
+        assert list(fused.packed) == [((1, channels, 32, 24), threads), ((3, channels, 32, 24), threads)]  # once a shape
         copied = copy.deepcopy(fused)  # the packed weights stay behind and are packed again
         assert copied.packed == {}
         torch.testing.assert_close(copied(x[:1]), fused(x[:1]))
@@ -91,6 +92,18 @@ def test_weights_are_packed_again_for_another_thread_count():
         torch.set_num_threads(threads)
     assert sorted(fused.packed) == [((1, 8, 32, 24), 1), ((1, 8, 32, 24), 2)]
     torch.testing.assert_close(one, two)
+
+
+@needs_onednn
+def test_the_packed_layouts_are_bounded():
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1).eval()
+    fused = FusedConvReLU(conv)
+    with torch.inference_mode():
+        for batch in range(1, FusedConvReLU.MAX_PACKED + 3):  # a script or a client sending every batch size
+            x = torch.randn(batch, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(fused(x), torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
+            assert 1 <= len(fused.packed) <= FusedConvReLU.MAX_PACKED
+    assert ((FusedConvReLU.MAX_PACKED + 2, 4, 16, 16), torch.get_num_threads()) in fused.packed
 
 
 @needs_onednn
