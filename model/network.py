@@ -235,11 +235,9 @@ class FusedConvReLU(nn.Module):
             raise ValueError(f"not a zero-padded convolution with explicit padding: {conv}")
         self.conv = conv
         self.settings = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        # (input shape, torch threads) -> weights in oneDNN's layout. oneDNN picks the layout
-        # for the batch size and the thread count too (how the work divides among threads):
-        # weights packed under two threads and run under one (a gunicorn master loads and
-        # checks the model before its workers set their thread count) were reordered again
-        # on every call, and a prediction took 3x as long.
+        # (input shape, torch threads) -> weights in oneDNN's layout, which depends on how the
+        # work divides among threads: weights packed in a gunicorn master (two threads) and
+        # run in its workers (one) were reordered on every call, a prediction 3x as long.
         self.packed: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
 
     def __getstate__(self) -> dict:
@@ -259,7 +257,7 @@ class FusedConvReLU(nn.Module):
         shape = tuple(x.shape)
         key = (shape, torch.get_num_threads())
         weight = self.packed.get(key)
-        if weight is None:  # once per batch size and thread count (the model's input size is fixed)
+        if weight is None:
             if len(self.packed) >= self.MAX_PACKED:
                 self.packed.clear()  # one call: safe while other threads read the dict
             weight = torch.ops.mkldnn._reorder_convolution_weight(self.conv.weight.detach(), *self.settings, list(shape))

@@ -71,7 +71,10 @@ def perturb(images: np.ndarray, angle: float, shift: tuple[float, float], zoom: 
     ])
 
 
-def expose(images: np.ndarray, amount: float = 0.2, seed: int = 0) -> np.ndarray:
+EXPOSURE = 0.2  # the exposure row's field strength: exp(EXPOSURE / 2 * f), typically ±9%
+
+
+def expose(images: np.ndarray, amount: float = EXPOSURE, seed: int = 0) -> np.ndarray:
     """(N, S, S) -> each film times its own smooth field exp(amount / 2 * f), drawn from ``seed``:
     the same fields for every checkpoint, so their rows compare."""
     field = intensity_field(len(images), images.shape[-1], amount, torch.Generator().manual_seed(seed))[:, 0]
@@ -82,7 +85,7 @@ def expose(images: np.ndarray, amount: float = 0.2, seed: int = 0) -> np.ndarray
 #: geometric perturbations, then the exposure field.
 CONDITIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     **{name: (lambda images, how=how: perturb(images, *how)) for name, how in PERTURBATIONS.items()},
-    "exposure field, exp(0.1 f)": expose,
+    f"exposure field, exp({EXPOSURE / 2:g} f)": expose,
 }
 
 
