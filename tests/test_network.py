@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import Ensemble, NetworkConfig, PneumoniaNet, for_inference
-from model.network import FusedConvReLU, to_channels_last
+from model.network import DirectSequential, FusedConvReLU, affine_grid, to_channels_last
 
 
 def test_stn_starts_as_the_identity():
@@ -35,6 +35,28 @@ def test_the_stn_learns_a_shift():
     optimizer.step()
     theta = net.eval().infer(torch.rand(1, 1, 64, 64)).theta
     assert not torch.allclose(theta, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]]))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (17, 30)])
+def test_the_cached_affine_grid_is_torch_s(size):
+    torch.manual_seed(0)
+    theta = torch.eye(2, 3) + 0.3 * torch.randn(3, 2, 3)
+    reference = torch.nn.functional.affine_grid(theta, [3, 1, *size], align_corners=False)
+    for _ in range(2):  # built, then taken from the cache
+        torch.testing.assert_close(affine_grid(theta, *size), reference, rtol=0, atol=1e-6)
+
+
+def test_the_transformer_samples_the_same_with_and_without_autograd():
+    torch.manual_seed(0)
+    stn = PneumoniaNet().stn.eval()
+    torch.nn.init.normal_(stn.regressor[-1].weight, std=0.05)  # away from the identity
+    x = torch.rand(2, 1, 64, 64)
+    trained_way, theta = stn(x)
+    with torch.inference_mode():
+        served_way, served_theta = stn(x)
+    assert not torch.allclose(theta, torch.eye(2, 3).expand(2, 2, 3), atol=1e-3)
+    torch.testing.assert_close(served_theta, theta.detach())
+    torch.testing.assert_close(served_way, trained_way.detach(), rtol=0, atol=1e-5)
 
 
 def test_ensemble_averages_member_logits():
@@ -123,6 +145,21 @@ def test_the_served_network_fuses_each_convolution_followed_by_a_relu():
         reference, out = net.infer(x), served.infer(x)
     torch.testing.assert_close(out.logits, reference.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.activations[0], reference.activations[0], rtol=1e-4, atol=1e-4)
+
+
+def test_inference_sequences_skip_module_calls_and_compute_the_same():
+    torch.manual_seed(0)
+    net = PneumoniaNet().eval()
+    served = for_inference(Ensemble([net]))
+    sequences = [m for m in served.modules() if isinstance(m, torch.nn.Sequential)]
+    assert sequences and all(type(m) is DirectSequential for m in sequences)
+    assert not any(type(m) is DirectSequential for m in net.modules())  # the trained network is untouched
+    calls = []
+    served.members[0].features[0][-1].register_forward_hook(lambda *args: calls.append(args))
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(served.infer(x).logits, net.infer(x).logits, rtol=1e-4, atol=1e-4)
+    assert not calls  # no Module.__call__ inside a sequence: what the copy saves
 
 
 def test_without_the_onednn_operator_the_plain_convolutions_stay(monkeypatch):
