@@ -106,8 +106,12 @@ def _decode_pixels(data: bytes, limits: DecodeLimits, min_side: int | None) -> n
             )
         kind = image.format or "image"
         try:
+            full_size = image.size
             if min_side and kind == "JPEG":
                 image.draft(image.mode, (min_side, min_side))  # same colours, fewer pixels
+            array = _decode_gray_jpeg(data, image, full_size) if kind == "JPEG" else None
+            if array is not None:
+                return array
             image.load()
             if image.getexif().get(ORIENTATION, 1) != 1:
                 image = ImageOps.exif_transpose(image)
@@ -120,6 +124,33 @@ def _decode_pixels(data: bytes, limits: DecodeLimits, min_side: int | None) -> n
 
 
 ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
+
+#: libjpeg's DCT scales as OpenCV asks for them (gray output, EXIF left to us)
+_REDUCED = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def _decode_gray_jpeg(data: bytes, image: Image.Image, full_size: tuple[int, int]) -> np.ndarray | None:
+    """The pixels Pillow would give for a whole, upright, baseline gray JPEG, decoded by
+    OpenCV (the same libjpeg arithmetic, a third less time: Pillow feeds its decoder in
+    blocks); None for any other JPEG, which Pillow decodes.
+
+    Pillow refuses a truncated file; OpenCV would fill the missing rows with gray. In a
+    baseline gray JPEG an FF D9 pair can only be the end-of-image marker (the scan's FF
+    bytes are followed by 00 or a restart marker), so a file that ends with it is whole.
+    """
+    if (image.mode != "L" or image.info.get("progressive") or image.info.get("progression")
+            or not data.endswith(b"\xff\xd9") or "exif" in image.info and image.getexif().get(ORIENTATION, 1) != 1):
+        return None
+    width, height = image.size  # after ``draft``: each side divided by its DCT scale, rounded up
+    scale = next((s for s in _REDUCED if (-(-full_size[0] // s), -(-full_size[1] // s)) == (width, height)), None)
+    if scale is None:
+        return None
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:
+        return None
+    return array if array is not None and array.shape == (height, width) else None  # else Pillow says why
 
 
 def _pil_to_gray(image: Image.Image) -> np.ndarray:

@@ -166,3 +166,71 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_and_keeps_its_answer():
     assert decode_image(data).shape == (1500, 1100)
     assert decode_image(data, min_side=224).shape == (375, 275)  # 1/4: both sides still >= 224
     assert np.abs(preprocess(data) - version_1(data)).mean() < 0.02  # noise detail the DCT scale drops
+
+
+def _pillow_pixels(data: bytes, min_side: int | None) -> np.ndarray:
+    from io import BytesIO
+
+    from PIL import Image
+
+    image = Image.open(BytesIO(data))
+    if min_side:
+        image.draft(image.mode, (min_side, min_side))
+    return np.asarray(image.convert("L"))
+
+
+def _opencv_path(data: bytes, min_side: int | None):
+    from io import BytesIO
+
+    from PIL import Image
+
+    from model.decode import _decode_gray_jpeg
+
+    image = Image.open(BytesIO(data))
+    full_size = image.size
+    if min_side:
+        image.draft(image.mode, (min_side, min_side))
+    return _decode_gray_jpeg(data, image, full_size)
+
+
+@pytest.mark.parametrize("width, height, scale", [(300, 250, 1), (600, 470, 2), (1000, 913, 4), (1900, 1803, 8)])
+def test_a_whole_gray_jpeg_decodes_by_opencv_to_pillow_s_pixels(width, height, scale):
+    data = encode(synthetic_xray(height, width, seed=scale), ".jpg")
+    for min_side in (224, None):
+        fast = _opencv_path(data, min_side)
+        assert fast is not None  # the OpenCV path was taken
+        expected = _pillow_pixels(data, min_side)
+        assert expected.shape == ((-(-height // scale), -(-width // scale)) if min_side else (height, width))
+        np.testing.assert_array_equal(fast, expected)
+        np.testing.assert_array_equal(decode_image(data, min_side=min_side), expected)
+
+
+def test_other_jpegs_are_left_to_pillow():
+    from io import BytesIO
+
+    from PIL import Image
+
+    gray = synthetic_xray(600, 500, seed=4)
+
+    def saved(image, **options):
+        buffer = BytesIO()
+        image.save(buffer, "JPEG", **options)
+        return buffer.getvalue()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    whole = encode(gray, ".jpg")
+    others = {
+        "progressive": saved(Image.fromarray(gray), progressive=True),
+        "colour": encode(np.dstack([gray, gray, gray]), ".jpg"),
+        "turned by EXIF": saved(Image.fromarray(gray), exif=exif),
+        "truncated": whole[: len(whole) // 2],
+        "followed by other bytes": whole + b"PK\x03\x04",
+    }
+    for name, data in others.items():
+        assert _opencv_path(data, 224) is None, name
+    with pytest.raises(InvalidImageError, match="truncated or corrupt"):
+        decode_image(others["truncated"], min_side=224)
+    # cut short with an end marker put back: both decoders fill the missing rows the same way
+    mended = whole[: len(whole) // 2] + b"\xff\xd9"
+    np.testing.assert_array_equal(decode_image(mended, min_side=224), _pillow_pixels(mended, 224))
