@@ -12,13 +12,14 @@ from model.neighbours import COUNT_K
 from .errors import status_for
 from .render import saliency_png
 from .serving import get_predictor, neighbour_index
-from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
+from .uploads import form_value, predict_each, read_age, read_batch_upload, read_single_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
 def wants_saliency() -> bool:
-    return request.args.get("saliency", request.form.get("saliency", "")).lower() in ("1", "true", "yes", "on")
+    text = request.args.get("saliency") or form_value(request, "saliency") or ""
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def wanted_neighbours() -> int | None:

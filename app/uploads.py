@@ -55,6 +55,11 @@ def read_single_upload(request: Request, field: str = "image") -> bytes:
     return data
 
 
+def form_value(request: Request, field: str) -> str | None:
+    """A form or multipart field; a raw-body upload carries none, so its body is not parsed for one."""
+    return None if request.mimetype in RAW_TYPES else request.form.get(field)
+
+
 def read_batch_upload(request: Request, limit: int, field: str = "images") -> list[tuple[str, bytes]]:
     """(display name, bytes) of every file in ``field``; empty files stay in, to be refused per row."""
     files = [f for f in request.files.getlist(field) if f.filename or f.content_length]
@@ -75,7 +80,7 @@ def display_name(filename: str | None, position: int) -> str:
 def read_age(request: Request, field: str = "age_years") -> float | None:
     """The patient's age in years from the form or multipart field (or, for a raw-body
     upload, the query string), if given; fractions allowed."""
-    text = (request.form.get(field) or request.args.get(field) or "").strip()
+    text = (form_value(request, field) or request.args.get(field) or "").strip()
     if not text:
         return None
     try:

@@ -105,6 +105,9 @@ def test_saliency_does_not_change_the_prediction(app):
 
 def test_api_returns_the_heat_map_only_when_asked(uploads):
     assert "saliency_png" not in uploads.api(XRAY).get_json()
+    assert "saliency_png" in uploads.api(XRAY, saliency="1").get_json()  # a multipart field, as well as the query
+    raw = uploads.client.post("/api/v1/predict?saliency=yes", data=XRAY, content_type="image/png").get_json()
+    assert "saliency_png" in raw
     body = uploads.api(XRAY, query="?saliency=1").get_json()
     image = cv2.imdecode(np.frombuffer(base64.b64decode(body["saliency_png"]), np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (256, 256, 3)
