@@ -1,8 +1,10 @@
 """Encoded bytes -> a 2-D grayscale array, with every size limit checked from the header.
 
 JPEG, PNG, TIFF, BMP, WebP and the other still formats Pillow reads; DICOM (see
-``dicom.py``); OpenCV as the fallback for formats Pillow does not know. What comes
-out keeps its own size and depth; ``preprocess`` makes the model input of it.
+``dicom.py``); OpenCV as the fallback for formats Pillow does not know, and for the
+pixels of a whole baseline gray JPEG once Pillow has checked its header (the same
+pixels, sooner). What comes out keeps its own size and depth; ``preprocess`` makes
+the model input of it.
 """
 from __future__ import annotations
 
