@@ -168,29 +168,27 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_and_keeps_its_answer():
     assert np.abs(preprocess(data) - version_1(data)).mean() < 0.02  # noise detail the DCT scale drops
 
 
-def _pillow_pixels(data: bytes, min_side: int | None) -> np.ndarray:
+def _drafted(data: bytes, min_side: int | None):
+    """The file opened by Pillow, reduced by ``draft`` as ``decode_image`` does; and its full size."""
     from io import BytesIO
 
     from PIL import Image
-
-    image = Image.open(BytesIO(data))
-    if min_side:
-        image.draft(image.mode, (min_side, min_side))
-    return np.asarray(image.convert("L"))
-
-
-def _opencv_path(data: bytes, min_side: int | None):
-    from io import BytesIO
-
-    from PIL import Image
-
-    from model.decode import _decode_gray_jpeg
 
     image = Image.open(BytesIO(data))
     full_size = image.size
     if min_side:
         image.draft(image.mode, (min_side, min_side))
-    return _decode_gray_jpeg(data, image, full_size)
+    return image, full_size
+
+
+def _pillow_pixels(data: bytes, min_side: int | None) -> np.ndarray:
+    return np.asarray(_drafted(data, min_side)[0].convert("L"))
+
+
+def _opencv_path(data: bytes, min_side: int | None):
+    from model.decode import _decode_gray_jpeg
+
+    return _decode_gray_jpeg(data, *_drafted(data, min_side))
 
 
 @pytest.mark.parametrize("width, height, scale", [(300, 250, 1), (600, 470, 2), (1000, 913, 4), (1900, 1803, 8)])
