@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 
 import cv2
 import numpy as np
@@ -147,9 +150,15 @@ def main() -> int:
 
     body, content_type = multipart("image", "xray.jpeg", data, "image/jpeg")
     started = time.perf_counter()
-    with gunicorn(workers=args.workers) as (base, process):
+    # A store of its own, seeded with the bundled model: the server answers with the checkpoint
+    # timed in-process above, whatever the local store (instance/models) serves.
+    with tempfile.TemporaryDirectory() as store, \
+            gunicorn(workers=args.workers, env={"PNEUMONIA_MODEL_STORE": store}) as (base, process):
         print(f"gunicorn start to ready /healthz: {time.perf_counter() - started:.2f} s ({args.workers} workers)")
         port = int(base.rsplit(":", 1)[1])
+        with urllib.request.urlopen(base + "/healthz") as response:
+            served = json.load(response)["model_version"]
+        assert served == predictor.version, f"the server serves {served}, not {predictor.version}"
         token, cookie = form_session(port)
         page_body = (f'--{content_type.split("=")[1]}\r\nContent-Disposition: form-data; name="csrf_token"\r\n\r\n'
                      f"{token}\r\n").encode() + body
