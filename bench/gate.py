@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from model import Predictor
+from model.predictor import infer_batches
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
 from tests.support.non_xray import non_xray_images
 from training.data import checkpoint_splits, load_adult_films
@@ -50,9 +51,9 @@ def main() -> int:
         print(f"{name:<36}{len(images):>8}{share:>10.1%}   {sign} {goal:.0%} {'met' if met else 'MISSED'}")
     gate, population = predictor.checkpoint.gate, predictor.checkpoint.population_gate
     one = test.images[:1]
-    features = predictor.predict_many(one).features
-    timings = {"feature/pixel gate": lambda: gate.scores(features, one),
-               "population networks": lambda: population.assess(one)}
+    raw = infer_batches(predictor.model, one)
+    timings = {"feature/pixel gate": lambda: gate.scores(raw.features, one),
+               f"population gate ({population.kind})": lambda: population.assess(one, raw.taps)}
     for name, run in timings.items():
         run()
         started = time.perf_counter()

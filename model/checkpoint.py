@@ -19,7 +19,7 @@ import torch
 from .atomic import atomic_write
 from .gate import OODGate
 from .network import Ensemble, NetworkConfig, PneumoniaNet, for_inference
-from .population import IntendedUse, PopulationGate
+from .population import IntendedUse, PopulationGate, PopulationHead, population_gate_from_dict
 from .preprocess import PreprocessParams
 
 FORMAT_VERSION = 1
@@ -47,8 +47,9 @@ class Checkpoint:
     #: probability = sigmoid(logit / temperature + bias), fitted on validation data
     calibration: dict = field(default_factory=lambda: {"temperature": 1.0, "bias": 0.0})
     gate: OODGate | None = None
-    #: small networks that refuse adults' films and lateral views (``population.py``)
-    population_gate: PopulationGate | None = None
+    #: refuses adults' films and lateral views (``population.py``): a head on the network's
+    #: activations, or in checkpoints made before it, small networks of its own
+    population_gate: PopulationHead | PopulationGate | None = None
     intended_use: IntendedUse = field(default_factory=IntendedUse)
 
     @cached_property
@@ -141,7 +142,7 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
             metrics=dict(raw.get("metrics", {})),
             calibration={k: float(v) for k, v in raw.get("calibration", {"temperature": 1.0, "bias": 0.0}).items()},
             gate=OODGate.from_dict(raw["gate"]) if raw.get("gate") is not None else None,
-            population_gate=PopulationGate.from_dict(raw["population_gate"]) if raw.get("population_gate") else None,
+            population_gate=population_gate_from_dict(raw["population_gate"]) if raw.get("population_gate") else None,
             intended_use=IntendedUse.from_dict(raw["intended_use"]) if raw.get("intended_use") else IntendedUse(),
         )
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
@@ -165,5 +166,9 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
         checkpoint.model  # noqa: B018 - building it is the check
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture ({exc})") from None
+    head = checkpoint.population_gate
+    if isinstance(head, PopulationHead) and head.width != network.tap_width * len(checkpoint.state_dicts):
+        raise CheckpointError(f"checkpoint {path}: its population head reads {head.width} numbers a film, "
+                              f"the network gives {network.tap_width * len(checkpoint.state_dicts)}")
     return checkpoint
 

@@ -34,6 +34,7 @@ class NetworkOutput(NamedTuple):
     aligned: np.ndarray  # (N, S, S), the STN's output, standardised
     features: np.ndarray  # (N, C)
     theta: np.ndarray  # (N, 2, 3)
+    taps: np.ndarray  # (N, D), what the population head reads (``network.TAPS``)
 
     @classmethod
     def of(cls, out: Inference) -> "NetworkOutput":
@@ -42,6 +43,7 @@ class NetworkOutput(NamedTuple):
             out.aligned[:, 0].detach().float().cpu().numpy(),
             out.features.detach().float().cpu().numpy(),
             out.theta.detach().float().cpu().numpy(),
+            out.taps.detach().float().cpu().numpy(),
         )
 
 
@@ -212,7 +214,7 @@ class Predictor:
         )
 
     def _finish(self, raw: NetworkOutput, inputs: np.ndarray) -> BatchOutput:
-        ood, outside = self._gates(raw.features, inputs)
+        ood, outside = self._gates(raw, inputs)
         return BatchOutput(
             probabilities=calibrate(raw.logits, self.checkpoint.calibration),
             aligned=np.stack([stretch(a) for a in raw.aligned]) if len(raw.aligned) else raw.aligned,
@@ -222,21 +224,21 @@ class Predictor:
             outside=outside,
         )
 
-    def _gates(self, features: np.ndarray, inputs: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _gates(self, raw: NetworkOutput, inputs: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """One score (> 1 is outside) and one reason per image from both parts of the gate.
 
         The feature/pixel gate speaks for photos, documents and other modalities; the
-        population networks for adults' films and lateral views. Where both refuse an
-        image, neither knows which it is (the networks have seen no photos, and adults'
-        films are far from the training films' features too): the reason says so.
+        population gate (``population.py``) for adults' films and lateral views. Where both
+        refuse an image, neither knows which it is (the population gate has seen no photos,
+        and adults' films are far from the training films' features too): the reason says so.
         """
         gate, population = self.checkpoint.gate, self.checkpoint.population_gate
         if gate is None and population is None:
             return None, None
-        scores = gate.scores(features, inputs) if gate is not None else np.zeros(len(inputs))
+        scores = gate.scores(raw.features, inputs) if gate is not None else np.zeros(len(inputs))
         outside = np.where(scores > 1, "not_xray", "").astype(object)
         if population is not None:
-            population_scores, kinds = population.assess(inputs)
+            population_scores, kinds = population.assess(inputs, raw.taps)
             refused = population_scores > 1
             outside = np.where(refused, np.where(outside == "", kinds, "unlike"), outside)
             scores = np.maximum(scores, population_scores)

@@ -171,3 +171,27 @@ def test_without_the_onednn_operator_the_plain_convolutions_stay(monkeypatch):
 def test_a_convolution_without_a_relu_after_it_is_not_fused():
     layers = to_channels_last(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.MaxPool2d(2)))
     assert type(layers[0]) is torch.nn.Conv2d
+
+
+def test_the_taps_are_the_middle_blocks_averaged_over_a_grid_in_the_trained_and_the_served_network():
+    """What the population head reads: blocks 1 and 2 (0-based), each 2 x 2-averaged, every member's."""
+    torch.manual_seed(0)
+    config = NetworkConfig(channels=(8, 16, 24, 32))
+    members = [PneumoniaNet(config).eval() for _ in range(2)]
+    x = torch.rand(3, 1, 64, 64)
+    expected = []
+    with torch.no_grad():
+        for net in members:
+            aligned, _ = net.stn(net.standardise(x))
+            first = net.features[1](net.features[0](aligned))  # (3, 16, 16, 16)
+            second = net.features[2](first)  # (3, 24, 8, 8)
+            for block in (first, second):
+                h, w = block.shape[-2:]  # each of the four cells' mean, channel by channel
+                cells = block.reshape(3, block.shape[1], 2, h // 2, 2, w // 2).mean(dim=(3, 5))
+                expected.append(cells.flatten(1))
+        expected = torch.cat(expected, dim=1)
+        trained = Ensemble(members).infer(x).taps
+        served = for_inference(Ensemble(members)).infer(x).taps
+    assert config.tap_width == 4 * (16 + 24) and trained.shape == (3, 2 * config.tap_width)
+    torch.testing.assert_close(trained, expected)
+    torch.testing.assert_close(served, expected, atol=1e-4, rtol=1e-4)

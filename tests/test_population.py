@@ -1,10 +1,14 @@
 """The intended use, enforced: DICOM header, the age a person gives, and the pixels."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from model import CheckpointError, load_checkpoint, save_checkpoint
 from model.film_facts import FilmFacts, age_from_dates, parse_dicom_age
-from model.population import IntendedUse, PopulationGate, PopulationNet, metadata_reasons
+from model.population import KINDS, IntendedUse, PopulationGate, PopulationHead, PopulationNet, metadata_reasons
+from model.settings import DEFAULT_CHECKPOINT
 from tests.support.client import Uploads
 from tests.support.dicom_files import make_dicom, twelve_bit
 from tests.support.images import encode, synthetic_xray
@@ -54,7 +58,6 @@ def child_pixels(real_data):
     import cv2
 
     from model import Predictor
-    from model.settings import DEFAULT_CHECKPOINT
 
     predictor = Predictor.from_path(DEFAULT_CHECKPOINT)
     for path in sorted((real_data / "test" / "NORMAL").iterdir()):
@@ -159,7 +162,7 @@ def test_adult_and_lateral_films_of_held_out_patients_are_refused(app, real_adul
     assert flagged[kinds == 1].mean() >= 0.90 and flagged[kinds == 2].mean() >= 0.95
     stored = predictor.checkpoint.metrics["population_gate"]
     assert flagged[kinds == 1].mean() == pytest.approx(stored["adult frontal, held-out patients"]["flagged"])
-    # the reason names adults: alone where only the population networks refused the film,
+    # the reason names adults: alone where only the population gate refused the film,
     # among the possibilities where the other part of the gate refused it too
     reasons = out.outside[kinds == 1][flagged[kinds == 1]]
     assert np.mean(reasons == "adult") > 0.5 and np.mean(np.isin(reasons, ["adult", "unlike"])) > 0.95
@@ -175,11 +178,6 @@ def test_a_flagged_film_has_no_decision_in_the_batch_table(uploads, pediatric_fi
 
 
 def test_old_checkpoints_without_a_population_gate_still_refuse_by_metadata(tmp_path, make_app):
-    import dataclasses
-
-    from model import load_checkpoint, save_checkpoint
-    from model.settings import DEFAULT_CHECKPOINT
-
     old = dataclasses.replace(load_checkpoint(DEFAULT_CHECKPOINT), population_gate=None)
     save_checkpoint(old, tmp_path / "old.pt")
     client = make_app(CHECKPOINT_PATH=str(tmp_path / "old.pt")).test_client()
@@ -211,3 +209,40 @@ def test_the_gate_runs_its_members_as_one_network_with_the_same_answers(input_po
         expected = torch.softmax(each, dim=2).mean(dim=1).numpy()
     np.testing.assert_allclose(gate.probabilities(x), expected, atol=1e-6)
     np.testing.assert_allclose(gate.probabilities(x[2:3]), expected[2:3], atol=1e-6)  # one image alone
+
+
+def test_the_head_is_the_fitted_logistic_regression_and_survives_a_checkpoint(tmp_path):
+    """Standardisation folded into the weights: the same probabilities as scikit-learn's; a film's kind
+    is the likelier of adult and lateral; the arrays go through ``torch.save``/``load`` (weights only)."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    taps = rng.normal(size=(300, 12)) * rng.uniform(0.5, 3, 12) + rng.normal(size=12)
+    kinds = np.repeat([0, 1, 2], 100)
+    taps[kinds == 1, :3] += 2.0
+    taps[kinds == 2, 3:6] -= 2.0
+    mean, scale = taps.mean(axis=0), taps.std(axis=0)
+    regression = LogisticRegression(C=0.5, max_iter=2000).fit((taps - mean) / scale, kinds)
+    head = PopulationHead(mean, scale, regression.coef_, regression.intercept_, threshold=0.3)
+    torch.save(head.to_dict(), tmp_path / "head.pt")
+    head = PopulationHead.from_dict(torch.load(tmp_path / "head.pt", weights_only=True))
+    expected = regression.predict_proba((taps - mean) / scale)
+    np.testing.assert_allclose(head.probabilities(taps.astype(np.float32)), expected, atol=1e-5)
+    scores, named = head.assess(np.zeros((300, 64, 64)), taps.astype(np.float32))
+    np.testing.assert_allclose(scores, (1 - expected[:, 0]) / 0.3, atol=1e-4)
+    np.testing.assert_array_equal(named, np.array(KINDS)[1 + np.argmax(expected[:, 1:], axis=1)])
+    assert (named[kinds == 1] == "adult").mean() > 0.9 and (named[kinds == 2] == "lateral").mean() > 0.9
+
+
+def _with_population_gate(gate, tmp_path):
+    return save_checkpoint(dataclasses.replace(load_checkpoint(DEFAULT_CHECKPOINT), population_gate=gate), tmp_path / "ck.pt")
+
+
+def test_checkpoints_with_population_networks_still_load_and_refuse(tmp_path, make_app, pediatric_film):
+    """Versions made before the head carry small networks of their own; a store may still serve one."""
+    torch.manual_seed(0)
+    networks = PopulationGate((8, 8, 8, 8), [PopulationNet((8, 8, 8, 8)).eval().state_dict()], threshold=1e-4)
+    path = _with_population_gate(networks, tmp_path)
+    assert isinstance(load_checkpoint(path).population_gate, PopulationGate)
+    body = Uploads(make_app(CHECKPOINT_PATH=str(path)).test_client()).api(pediatric_film).get_json()
+    assert body["label"] is None and [r["check"] for r in body["population_reasons"]] == ["image"]

@@ -55,7 +55,7 @@ from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult
 from .evaluate import evaluate, transformer_figures
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
 from .ood import fit_gate
-from .population import fit_population_gate, format_gate_table, gate_sets, population_figures
+from .population import fit_population, format_gate_table, gate_sets, population_figures
 
 log = logging.getLogger("training")
 
@@ -135,7 +135,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--equalize", choices=("none", "hist", "clahe"), default=PreprocessParams().equalize)
     parser.add_argument("--adult-data", type=Path, default=adult_data_dir(),
                         help="adult frontal and lateral films that the population gate learns to refuse")
-    parser.add_argument("--population-epochs", type=int, default=15)
+    parser.add_argument("--population-gate", choices=("head", "networks"), default="head",
+                        help="a head on the network's activations, or small networks of its own")
+    parser.add_argument("--population-epochs", type=int, default=15, help="--population-gate networks only")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
@@ -301,14 +303,15 @@ def stn_spread(model: PneumoniaNet, val: Split, info: dict) -> dict:
 def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensitivity: float):
     """Calibration and threshold from validation; the out-of-population gate from train (+ validation quantiles)."""
     train_features = infer_batches(model, train.images).features
-    val_logits, _, val_features, _ = infer_batches(model, val.images)
+    val_out = infer_batches(model, val.images)
+    val_logits, val_features = val_out.logits, val_out.features
     calibration = fit_temperature(val_logits, val.labels)
     gate = fit_gate(train_features, train.labels, train.images, val_features, val.images)
     threshold = threshold_for_sensitivity(val.labels, calibrate(val_logits, calibration), target_sensitivity)
     return calibration, gate, threshold
 
 
-def fit_population(args, checkpoint: Checkpoint, train: Split, val: Split, params) -> AdultFilms | None:
+def attach_population_gate(args, checkpoint: Checkpoint, train: Split, val: Split, params) -> AdultFilms | None:
     """Attach the population gate, fitted on adult films of 60% of their patients; None without them."""
     try:
         adult = load_adult_films(args.adult_data, params, args.cache_dir, args.workers,
@@ -317,11 +320,12 @@ def fit_population(args, checkpoint: Checkpoint, train: Split, val: Split, param
         log.warning("%s: this model gets no population gate, and the promotion guard will refuse it", exc)
         return None
     fit = ~adult.held_out()
-    checkpoint.population_gate = fit_population_gate(
-        train.images, val.images, adult.films.images[fit], adult.films.labels[fit],
-        epochs=1 if args.dry_run else args.population_epochs, max_batches=DRY_RUN_BATCHES if args.dry_run else None)
+    checkpoint.population_gate = fit_population(
+        args.population_gate, checkpoint.model, train.images, val.images, adult.films.images[fit],
+        adult.films.labels[fit], epochs=1 if args.dry_run else args.population_epochs,
+        max_batches=DRY_RUN_BATCHES if args.dry_run else None)
     checkpoint.training_data["population_gate"] = {
-        "adult_films": str(Path(args.adult_data).resolve().name),
+        "kind": args.population_gate, "adult_films": str(Path(args.adult_data).resolve().name),
         "fitted_on_patients": int(len(np.unique(adult.patients[fit]))), "held_out_fraction": HELD_OUT_FRACTION}
     return adult
 
@@ -418,7 +422,7 @@ def _run(args, device, store: ModelStore | None) -> int:
         calibration=calibration,
         gate=gate,
     )
-    adult = fit_population(args, checkpoint, train, val, params)
+    adult = attach_population_gate(args, checkpoint, train, val, params)
     checkpoint.version = checkpoint.content_version(created)
     predictor = Predictor(checkpoint)
     results = {"validation": evaluate(predictor, val), "test": evaluate(predictor, test)}
