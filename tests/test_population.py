@@ -238,6 +238,17 @@ def _with_population_gate(gate, tmp_path):
     return save_checkpoint(dataclasses.replace(load_checkpoint(DEFAULT_CHECKPOINT), population_gate=gate), tmp_path / "ck.pt")
 
 
+def test_a_head_fitted_on_other_activations_is_refused(tmp_path):
+    head = load_checkpoint(DEFAULT_CHECKPOINT).population_gate
+    assert isinstance(head, PopulationHead)
+    narrow = PopulationHead(head.mean[:-4], head.scale[:-4], head.weight[:, :-4], head.bias, head.threshold)
+    with pytest.raises(CheckpointError, match="reads 380 numbers a film, the network gives 384"):
+        load_checkpoint(_with_population_gate(narrow, tmp_path))
+    elsewhere = dataclasses.replace(head, taps={"blocks": (2, 3), "grid": 2})
+    with pytest.raises(CheckpointError, match="fitted on activations"):
+        load_checkpoint(_with_population_gate(elsewhere, tmp_path))
+
+
 def test_checkpoints_with_population_networks_still_load_and_refuse(tmp_path, make_app, pediatric_film):
     """Versions made before the head carry small networks of their own; a store may still serve one."""
     torch.manual_seed(0)
