@@ -12,7 +12,7 @@ refusal with its reason, never a diagnosis. Three layers, any of which can say
   lateral view (JPEG and PNG carry no metadata), beside the older gate for photos,
   documents and other modalities (``gate.py``). Checkpoints made before it carry
   ``PopulationGate``, small networks of their own that do the same in 1.3-1.9 ms a film,
-  where the head takes about 0.04 ms.
+  where the head takes 0.02 ms and its taps in the forward pass 0.025 ms.
 """
 from __future__ import annotations
 
@@ -218,10 +218,10 @@ class PopulationHead:
     over a 2 x 2 grid, tell children's frontal films from adults' and lateral ones as well
     as two networks trained for it (each source of adult films left out in turn: 97.1% of
     its adults refused against 96.9%, README), so the gate costs tens of microseconds
-    instead of 1.3-1.9 ms. ``weight`` and ``bias``
-    act on the taps standardised by ``mean`` and ``scale``; ``threshold``, as for the
-    networks, is a high quantile of the validation split's scores. Fitted on one
-    classifier's activations, it belongs to that model version alone.
+    instead of 1.3-1.9 ms. ``weight`` and ``bias`` act on the taps standardised by
+    ``mean`` and ``scale``; ``threshold``, as for the networks, is a high quantile of the
+    validation split's scores. Fitted on one classifier's activations, it belongs to that
+    model version alone.
     """
 
     mean: np.ndarray  # (D,)

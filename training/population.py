@@ -55,7 +55,7 @@ INPUT_POOL = 1
 QUANTILE = 0.9925
 #: The head's fit: each film as it is and in this many augmented copies; the inverse
 #: regularisation strength, chosen by five-fold cross-validation grouped by patient on the
-#: fitting films (held-out adults refused: C 0.003 97.1%, 0.01 97.8%, 0.03 97.5%).
+#: fitting films (adults of the left-out folds refused: C 0.003 97.1%, 0.01 97.8%, 0.03 97.5%).
 HEAD_COPIES = 3
 HEAD_C = 0.01
 
