@@ -111,3 +111,16 @@ def test_api_returns_the_heat_map_only_when_asked(uploads):
     body = uploads.api(XRAY, query="?saliency=1").get_json()
     image = cv2.imdecode(np.frombuffer(base64.b64decode(body["saliency_png"]), np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (256, 256, 3)
+
+
+def test_the_map_s_colours_are_opencv_s_jet_colour_map():
+    """``saliency_png`` looks colours up in a table made once: the same as ``cv2.applyColorMap``
+    (over a black film the pixel is 0.55 x heat x the colour)."""
+    from app.render import saliency_png
+
+    heat = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))  # every column a level
+    png = cv2.imdecode(np.frombuffer(saliency_png(np.zeros((64, 64), np.float32), heat, side=64), np.uint8),
+                       cv2.IMREAD_COLOR)
+    colour = cv2.applyColorMap(np.uint8(heat * 255), cv2.COLORMAP_JET).astype(np.float32) / 255
+    expected = np.uint8(np.clip(0.55 * heat[:, :, None] * colour, 0, 1) * 255)
+    np.testing.assert_array_equal(png, expected)
