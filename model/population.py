@@ -230,7 +230,6 @@ class PopulationHead:
     bias: np.ndarray  # (len(KINDS),)
     threshold: float
     rule: str = ""
-    taps: dict = field(default_factory=lambda: dict(TAPS))
     kind: ClassVar[str] = "head"
 
     def __post_init__(self):
@@ -268,7 +267,7 @@ class PopulationHead:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "threshold": float(self.threshold), "rule": self.rule,
-                "taps": {"blocks": list(self.taps["blocks"]), "grid": int(self.taps["grid"])},
+                "taps": {"blocks": list(TAPS["blocks"]), "grid": TAPS["grid"]},  # what it was fitted on
                 "state_dicts": self.state_dicts}
 
     @classmethod
@@ -278,7 +277,7 @@ class PopulationHead:
             raise ValueError(f"population head was fitted on activations {taps}; this code gives {TAPS}")
         state = data["state_dicts"][0]
         return cls(*(state[name].numpy() for name in ("mean", "scale", "weight", "bias")), float(data["threshold"]),
-                   str(data.get("rule", "")), taps)
+                   str(data.get("rule", "")))
 
 
 def population_gate_from_dict(data: dict) -> PopulationGate | PopulationHead:

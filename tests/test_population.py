@@ -244,9 +244,11 @@ def test_a_head_fitted_on_other_activations_is_refused(tmp_path):
     narrow = PopulationHead(head.mean[:-4], head.scale[:-4], head.weight[:, :-4], head.bias, head.threshold)
     with pytest.raises(CheckpointError, match="reads 380 numbers a film, the network gives 384"):
         load_checkpoint(_with_population_gate(narrow, tmp_path))
-    elsewhere = dataclasses.replace(head, taps={"blocks": (2, 3), "grid": 2})
+    raw = torch.load(_with_population_gate(head, tmp_path), weights_only=True)
+    raw["population_gate"]["taps"] = {"blocks": [2, 3], "grid": 2}  # as a head fitted elsewhere records it
+    torch.save(raw, tmp_path / "elsewhere.pt")
     with pytest.raises(CheckpointError, match="fitted on activations"):
-        load_checkpoint(_with_population_gate(elsewhere, tmp_path))
+        load_checkpoint(tmp_path / "elsewhere.pt")
 
 
 def test_checkpoints_with_population_networks_still_load_and_refuse(tmp_path, make_app, pediatric_film):

@@ -58,6 +58,19 @@ QUANTILE = 0.9925
 #: fitting films (adults of the left-out folds refused: C 0.003 97.1%, 0.01 97.8%, 0.03 97.5%).
 HEAD_COPIES = 3
 HEAD_C = 0.01
+#: How every fit's threshold is chosen, as its rule ends.
+THRESHOLD_RULE = f"refused above the {QUANTILE:.2%} quantile of the validation split's scores"
+
+
+def outlier_exposure_films(children: np.ndarray, adult: np.ndarray, adult_kinds: np.ndarray):
+    """(images, kinds) to fit on: the children's frontal films (kind 0), then the adult and lateral ones."""
+    images = np.concatenate([children, adult]).astype(np.float32)
+    return images, np.concatenate([np.zeros(len(children), np.int64), adult_kinds.astype(np.int64)])
+
+
+def validation_threshold(probabilities: np.ndarray) -> float:
+    """The ``QUANTILE`` of the children's validation films' scores (1 - P(in population))."""
+    return float(np.clip(np.quantile(1.0 - probabilities[:, 0], QUANTILE), 1e-4, 1 - 1e-4))
 
 
 def fit_population_head(model, children: np.ndarray, children_val: np.ndarray, adult: np.ndarray,
@@ -65,13 +78,13 @@ def fit_population_head(model, children: np.ndarray, children_val: np.ndarray, a
                         C: float = HEAD_C) -> PopulationHead:
     """A multinomial logistic regression on ``model``'s taps (the network as it serves), the
     classes weighted for their sizes."""
-    images = np.concatenate([children, adult]).astype(np.float32)
-    labels = np.concatenate([np.zeros(len(children), np.int64), adult_kinds.astype(np.int64)])
+    images, labels = outlier_exposure_films(children, adult, adult_kinds)
     generator = torch.Generator().manual_seed(seed)
-    views = [images] + [augment(torch.from_numpy(images).unsqueeze(1), generator, strength)[:, 0].numpy()
-                        for _ in range(copies)]
-    taps = np.concatenate([infer_batches(model, view).taps for view in views]).astype(np.float64)
-    labels = np.tile(labels, len(views))
+    taps = [infer_batches(model, images).taps]  # then each augmented copy's, one copy in memory at a time
+    taps += [infer_batches(model, augment(torch.from_numpy(images).unsqueeze(1), generator, strength)[:, 0].numpy()).taps
+             for _ in range(copies)]
+    taps = np.concatenate(taps).astype(np.float64)
+    labels = np.tile(labels, 1 + copies)
     mean, scale = taps.mean(axis=0), np.maximum(taps.std(axis=0), 1e-6)
     regression = LogisticRegression(C=C, class_weight="balanced", max_iter=3000)
     regression.fit((taps - mean) / scale, labels)
@@ -83,11 +96,9 @@ def fit_population_head(model, children: np.ndarray, children_val: np.ndarray, a
         rows, row_bias = regression.coef_, regression.intercept_
     weight[regression.classes_], bias[regression.classes_] = rows, row_bias
     head = PopulationHead(mean, scale, weight, bias, threshold=0.5)
-    scores = 1.0 - head.probabilities(infer_batches(model, children_val).taps)[:, 0]
-    head.threshold = float(np.clip(np.quantile(scores, QUANTILE), 1e-4, 1 - 1e-4))
+    head.threshold = validation_threshold(head.probabilities(infer_batches(model, children_val).taps))
     head.rule = ("a logistic regression on the network's middle activations tells children's frontal films from "
-                 f"adults' films and lateral views; refused above the {QUANTILE:.2%} quantile of the validation "
-                 "split's scores")
+                 f"adults' films and lateral views; {THRESHOLD_RULE}")
     return head
 
 
@@ -114,8 +125,8 @@ def fit_population_gate(
     max_batches: int | None = None,
 ) -> PopulationGate:
     """An ensemble of ``PopulationNet`` (one per seed); the loss is weighted for the class sizes."""
-    images = torch.from_numpy(np.concatenate([children, adult]).astype(np.float32)).unsqueeze(1)
-    labels = torch.from_numpy(np.concatenate([np.zeros(len(children), np.int64), adult_kinds.astype(np.int64)]))
+    images, labels = outlier_exposure_films(children, adult, adult_kinds)
+    images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
     counts = torch.bincount(labels, minlength=len(KINDS)).clamp(min=1).float()
     weights = len(labels) / (len(KINDS) * counts)
     states = []
@@ -143,10 +154,9 @@ def fit_population_gate(
                 scheduler.step()
         states.append(copy.deepcopy(net.eval().state_dict()))
     gate = PopulationGate(channels, states, threshold=0.5, input_pool=input_pool)
-    scores = 1.0 - gate.probabilities(children_val)[:, 0]
-    gate.threshold = float(np.clip(np.quantile(scores, QUANTILE), 1e-4, 1 - 1e-4))
+    gate.threshold = validation_threshold(gate.probabilities(children_val))
     gate.rule = (f"{len(seeds)} small networks ({64 // input_pool} px input) tell children's frontal films from adults' films and "
-                 f"lateral views; refused above the {QUANTILE:.2%} quantile of the validation split's scores")
+                 f"lateral views; {THRESHOLD_RULE}")
     return gate
 
 
