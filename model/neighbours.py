@@ -2,7 +2,8 @@
 
 Both work in the network's learned-feature space (the "Learned features" t-SNE map):
 the training split's features, standardised as the map stored them, are searched by
-brute force (5,216 x 128 floats: 0.14 ms). A new film is placed on the existing map
+brute force (5,216 x 128 floats: 0.55 ms right after a prediction,
+whose work leaves the caches cold). A new film is placed on the existing map
 at its nearest training film's position: ``bench/neighbours.py`` placed every 5th
 training film from the other patients' films, and the nearest film's position missed
 t-SNE's own placement by 1.4 map spacings (median), the affinity-weighted mean of 3
@@ -48,6 +49,7 @@ class NeighbourIndex:
         self.mean, self.std = tsne_map.feature_mean, tsne_map.feature_std
         self.labels = tsne_map.label[train].astype(int)
         self.paths = [str(p) for p in tsne_map.files[train]]
+        self.ids = [PurePosixPath(p).stem for p in self.paths]
         self.positions = tsne_map.feature_xy[train].astype(np.float32)
 
     def __len__(self) -> int:
@@ -65,14 +67,18 @@ class NeighbourIndex:
     def nearest(self, features: np.ndarray, k: int) -> tuple[list[Neighbour], int, tuple[float, float]]:
         """The k nearest training films, how many of the nearest ``COUNT_K`` have pneumonia,
         and the film's (x, y) on the map."""
-        distances = self.distances(features)
-        count = max(k, COUNT_K)
-        order = np.argpartition(distances, min(count, len(distances) - 1))[:count]
-        # the matrix-product form loses digits near zero: the few chosen get exact distances
-        distances[order] = np.linalg.norm(self.features[order] - self.standardise(features), axis=1)
-        order = order[np.argsort(distances[order], kind="stable")]
-        neighbours = [Neighbour(PurePosixPath(self.paths[i]).stem, self.paths[i], CLASS_NAMES[self.labels[i]],
-                                float(distances[i])) for i in order[:k]]
+        query = self.standardise(features)
+        # |f - q|^2 = |f|^2 - 2 f.q + |q|^2: the last term and the root change no order, so the
+        # search ranks by the first two and takes exact distances for the few it keeps (the
+        # matrix-product form also loses digits near zero)
+        partial = self.squared_norms - 2 * (self.features @ query)
+        count = min(max(k, COUNT_K), len(partial))
+        order = np.argpartition(partial, count - 1)[:count]
+        exact = np.linalg.norm(self.features[order] - query, axis=1)
+        ranked = np.argsort(exact, kind="stable")
+        order, exact = order[ranked], exact[ranked]
+        neighbours = [Neighbour(self.ids[i], self.paths[i], CLASS_NAMES[self.labels[i]], float(d))
+                      for i, d in zip(order[:k], exact[:k])]
         pneumonia = int(self.labels[order[:COUNT_K]].sum())
         x, y = self.positions[order[0]]
         return neighbours, pneumonia, (float(x), float(y))

@@ -45,6 +45,20 @@ def test_the_index_counts_pneumonia_among_the_25_nearest():
     assert (x, y) == pytest.approx(tuple(index.positions[row]))  # placed at its nearest film: itself
 
 
+def test_the_nearest_films_are_those_of_a_full_sort_of_exact_distances():
+    index = NeighbourIndex(TsneMap.load(DEFAULT_TSNE_ARTIFACT))
+    rng = np.random.default_rng(0)
+    # training films themselves, and points between two of them
+    rows = rng.choice(len(index), 6, replace=False)
+    queries = [index.features[r] for r in rows] + [(index.features[a] + index.features[b]) / 2 for a, b in rows.reshape(3, 2)]
+    for standardised in queries:
+        exact = np.linalg.norm(index.features - standardised, axis=1)
+        expected = np.argsort(exact, kind="stable")[:10]
+        neighbours, _, _ = index.nearest(standardised * index.std + index.mean, 10)
+        assert [n.id for n in neighbours] == [index.ids[i] for i in expected]
+        assert [n.distance for n in neighbours] == pytest.approx(exact[expected].tolist(), abs=1e-4)
+
+
 def test_the_result_page_shows_six_neighbours_and_the_map(uploads, pediatric_film):
     response = uploads.form(pediatric_film)
     html = response.get_data(as_text=True)
