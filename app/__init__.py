@@ -15,7 +15,7 @@ from flask import Flask, g, request
 from . import analysis, api, pages, serving
 from . import config as app_config
 from .errors import register_error_handlers
-from .security import csrf, set_security_headers
+from .security import SessionCookies, csrf, set_security_headers
 from .uploads import InMemoryRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,7 @@ log = logging.getLogger("app")
 def create_app(config: dict | None = None) -> Flask:
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     app.request_class = InMemoryRequest
+    app.session_interface = SessionCookies()
     app.config.from_mapping(app_config.from_environment())
     if config:
         app.config.from_mapping(config)

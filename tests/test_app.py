@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from itsdangerous import BadSignature
 from PIL import Image
 
 from app import create_app
@@ -55,6 +56,17 @@ def test_form_without_csrf_token_is_refused(client):
     response = client.post("/predict", data={"image": (io.BytesIO(XRAY), "x.png")}, content_type="multipart/form-data")
     assert response.status_code == 400
     assert "reload the page" in response.get_data(as_text=True)
+
+
+def test_the_session_signer_is_made_once_and_follows_a_new_key(app, client):
+    sessions = app.session_interface
+    signer = sessions.get_signing_serializer(app)
+    assert sessions.get_signing_serializer(app) is signer
+    old_cookie = signer.dumps({"csrf_token": "made under the old key"})
+    app.secret_key = "another key"
+    with pytest.raises(BadSignature):  # a cookie signed with the old key no longer opens
+        sessions.get_signing_serializer(app).loads(old_cookie)
+    assert Uploads(client).form(XRAY).status_code == 200  # and forms work under the new one
 
 
 def test_form_refusal_is_a_page_with_the_message(client, uploads):
