@@ -1,4 +1,5 @@
-"""CSRF protection for the forms and security headers on every response."""
+"""CSRF protection for the forms, the signed session cookie that holds its token, and security
+headers on every response."""
 from __future__ import annotations
 
 from flask import Flask, Response, request
