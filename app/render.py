@@ -33,11 +33,12 @@ def saliency_png(gray: np.ndarray, heat: np.ndarray, side: int = 256) -> bytes:
     and the colour PNG costs 0.2 ms instead of 0.7 ms at 128 px (2.5 ms at 256 px).
     """
     base = cv2.resize(np.clip(gray, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_NEAREST)
-    heat = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
-    index = np.uint8(np.clip(heat, 0, 1) * 255)
+    # cubic interpolation overshoots: clipped again after it
+    heat = np.clip(cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC), 0, 1)
+    index = np.uint8(heat * 255)
     colour = cv2.LUT(cv2.merge([index, index, index]), JET).astype(np.float32) / 255
     gray3 = np.repeat(base[:, :, None], 3, axis=2)
-    alpha = 0.55 * np.clip(heat, 0, 1)[:, :, None]  # cold regions keep the film visible
+    alpha = 0.55 * heat[:, :, None]  # cold regions keep the film visible
     blended = (1 - alpha) * gray3 + alpha * colour
     return encode_png(np.uint8(np.clip(blended, 0, 1) * 255))
 

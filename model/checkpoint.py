@@ -166,9 +166,9 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
         checkpoint.model  # noqa: B018 - building it is the check
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture ({exc})") from None
-    head = checkpoint.population_gate
-    if isinstance(head, PopulationHead) and head.width != network.tap_width * len(checkpoint.state_dicts):
+    head, width = checkpoint.population_gate, network.tap_width * len(checkpoint.state_dicts)
+    if isinstance(head, PopulationHead) and head.width != width:
         raise CheckpointError(f"checkpoint {path}: its population head reads {head.width} numbers a film, "
-                              f"the network gives {network.tap_width * len(checkpoint.state_dicts)}")
+                              f"the network gives {width}")
     return checkpoint
 
