@@ -1,4 +1,5 @@
 """Faults: a killed worker, a training run killed while saving, and nothing left on disk."""
+import contextlib
 import http.client
 import io
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
 
 from model import load_checkpoint
 from model.settings import REPO_ROOT
@@ -106,19 +109,60 @@ def snapshot(*roots: Path) -> dict[str, int]:
     return files
 
 
-def test_uploads_leave_nothing_on_disk(caplog):
+#: ``os.open`` flags that create or change a file (``O_TMPFILE`` makes an unnamed one, which no
+#: folder listing shows: what ``tempfile.TemporaryFile`` uses on Linux).
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | getattr(os, "O_TMPFILE", 0)
+_opened_for_writing: list[str] | None = None  # a list while a test watches, None otherwise
+
+
+def _record_writes(event: str, args: tuple) -> None:
+    if _opened_for_writing is None or event != "open":
+        return
+    path, mode, flags = args
+    writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & WRITE_FLAGS)
+    if writes and path is not None:
+        _opened_for_writing.append(os.fsdecode(path) if not isinstance(path, int) else f"fd {path}")
+
+
+sys.addaudithook(_record_writes)  # audit hooks cannot be removed; this one is idle unless a test watches
+
+
+@contextlib.contextmanager
+def files_opened_for_writing():
+    """The paths this process opens for writing inside the block (every ``open`` and ``os.open``):
+    the app's own writes, whatever other programs on the machine do meanwhile."""
+    global _opened_for_writing
+    _opened_for_writing = opened = []
+    try:
+        yield opened
+    finally:
+        _opened_for_writing = None
+
+
+def test_uploads_leave_nothing_on_disk(caplog, tmp_path, monkeypatch):
+    """The app gets a temp folder of its own, and the test watches only what the app could write:
+    that folder, the repository, the instance folder and every file the process opens for writing."""
     from app import create_app
 
+    app_tmp = tmp_path / "app-tmp"
+    app_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(app_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(app_tmp))
     app = create_app({"TESTING": True, "SECRET_KEY": "privacy"})
     client = app.test_client()
     big = encode(synthetic_xray(1500, 1400), ".png")  # over werkzeug's 500 KB spooling threshold
-    roots = [REPO_ROOT, Path(tempfile.gettempdir())]
+    roots = [REPO_ROOT, app_tmp, Path(app.instance_path)]
     before = snapshot(*roots)
-    for data, name in ((XRAY, "patient-1.jpg"), (big, "patient-2.png"), (b"junk", "patient-3.png")):
-        client.post("/api/v1/predict", data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
-    client.post("/api/v1/predict", data=big, content_type="image/png")  # a raw-body upload, over 500 KB
+    # Bodies encoded here, in memory: werkzeug's test client would spool a large one to a temp file itself.
+    forms = [encode_multipart({"image": FileStorage(io.BytesIO(data), name)})
+             for data, name in ((XRAY, "patient-1.jpg"), (big, "patient-2.png"), (b"junk", "patient-3.png"))]
+    with files_opened_for_writing() as opened:
+        for boundary, body in forms:
+            response = client.post("/api/v1/predict", data=body,
+                                   content_type=f"multipart/form-data; boundary={boundary}")
+            assert response.status_code in (200, 415)
+        client.post("/api/v1/predict", data=big, content_type="image/png")  # a raw-body upload, over 500 KB
     after = snapshot(*roots)
-    changed = {path for path, mtime in after.items() if before.get(path) != mtime}
-    changed = {p for p in changed if not p.startswith(str(Path(tempfile.gettempdir()) / "pytest-of-"))}
-    assert changed == set()
+    assert opened == []
+    assert {path for path, mtime in after.items() if before.get(path) != mtime} == set()
     assert "patient-" not in caplog.text
