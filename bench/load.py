@@ -17,8 +17,8 @@ import time
 from collections import Counter
 
 from model.settings import data_dir
-from tests.support.hostile import corpus
-from tests.support.server import gunicorn, multipart
+from harness.hostile import corpus
+from harness.server import gunicorn, multipart
 
 
 def main() -> int:

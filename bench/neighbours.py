@@ -24,7 +24,7 @@ import torch
 from model import Predictor, TsneMap
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, adult_data_dir, data_dir
-from tests.support.non_xray import non_xray_images
+from harness.non_xray import non_xray_images
 from training.data import checkpoint_splits, load_adult_films, patient_id
 from training.population import QUANTILE, gate_sets
 

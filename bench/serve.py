@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 
 from model.settings import DEFAULT_CHECKPOINT, data_dir
-from tests.support.server import gunicorn, multipart
+from harness.server import gunicorn, multipart
 
 
 def interleaved_ms(runs: dict, rounds: int) -> dict[str, float]:

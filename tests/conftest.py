@@ -8,8 +8,8 @@ import pytest
 
 from app import create_app
 from model.settings import adult_data_dir, data_dir
-from tests.support.client import Uploads
-from tests.support.images import make_adult_films, make_dataset
+from tests.client import Uploads
+from harness.images import make_adult_films, make_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)

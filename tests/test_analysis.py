@@ -12,7 +12,7 @@ from training import train, tsne
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny dataset, a dry-run checkpoint trained on it, and its t-SNE artifact."""
-    from tests.support.images import make_dataset
+    from harness.images import make_dataset
 
     root = tmp_path_factory.mktemp("tsne")
     data = make_dataset(root / "chest_xray", per_class=10)

@@ -14,8 +14,8 @@ from PIL import Image
 from app import create_app
 from model import CheckpointError
 from model.settings import REPO_ROOT
-from tests.support.client import CSRF, Uploads
-from tests.support.images import encode, synthetic_xray
+from tests.client import CSRF, Uploads
+from harness.images import encode, synthetic_xray
 
 
 def png(array: np.ndarray) -> bytes:

@@ -124,7 +124,7 @@ def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_da
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.support.dicom_files import make_dicom, twelve_bit
+    from harness.dicom_files import make_dicom, twelve_bit
 
     films = [sorted((real_data / "test" / label).iterdir())[0] for label in ("NORMAL", "PNEUMONIA")]
     dicom = tmp_path / "study.dcm"

@@ -14,7 +14,7 @@ from model import (
     load_checkpoint,
     save_checkpoint,
 )
-from tests.support.images import synthetic_xray
+from harness.images import synthetic_xray
 
 
 def make_checkpoint(preprocess=PreprocessParams(), threshold=0.3) -> Checkpoint:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from model import InvalidImageError, decode_image, preprocess
-from tests.support.dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
-from tests.support.images import encode, synthetic_xray
+from harness.dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
+from harness.images import encode, synthetic_xray
 
 XRAY = synthetic_xray(320, 280)
 

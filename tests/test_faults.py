@@ -19,8 +19,8 @@ from werkzeug.test import encode_multipart
 
 from model import load_checkpoint
 from model.settings import REPO_ROOT
-from tests.support.images import encode, synthetic_xray
-from tests.support.server import gunicorn, post_image
+from harness.images import encode, synthetic_xray
+from harness.server import gunicorn, post_image
 
 XRAY = encode(synthetic_xray(500, 400), ".jpg")
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tests.support.images import encode
-from tests.support.non_xray import non_xray_images
+from harness.images import encode
+from harness.non_xray import non_xray_images
 
 
 @pytest.fixture(scope="module")

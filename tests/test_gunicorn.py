@@ -6,8 +6,8 @@ import threading
 import psutil
 import pytest
 
-from tests.support.images import encode, synthetic_xray
-from tests.support.server import ROOT, gunicorn, post_image
+from harness.images import encode, synthetic_xray
+from harness.server import ROOT, gunicorn, post_image
 from training import train
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_promotion_and_rollback_reach_every_worker_under_load_without_a_failed_r
     import time
 
     from model.store import ModelStore
-    from tests.support.images import make_dataset
+    from harness.images import make_dataset
 
     store_dir = tmp_path / "store"
     data = make_dataset(tmp_path / "chest_xray", per_class=8)

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model import ImageError, preprocess
-from tests.support.hostile import corpus
-from tests.support.images import encode, synthetic_xray
+from harness.hostile import corpus
+from harness.images import encode, synthetic_xray
 
 CASES = corpus()
 VALID = encode(synthetic_xray(400, 320), ".png")

@@ -12,8 +12,8 @@ from model import load_checkpoint
 from model.atomic import atomic_write
 from model.settings import DEFAULT_CHECKPOINT, REPO_ROOT
 from model.store import ModelStore, StoreError
-from tests.support.client import Uploads
-from tests.support.images import encode, synthetic_xray
+from tests.client import Uploads
+from harness.images import encode, synthetic_xray
 from training import models, train
 
 XRAY = encode(synthetic_xray(400, 320), ".png")
@@ -40,7 +40,7 @@ def listing(store, capsys) -> list[dict]:
 @pytest.fixture(scope="module")
 def candidate_store(tmp_path_factory):
     """A store seeded with the bundled model plus one dry-run candidate trained on a tiny folder."""
-    from tests.support.images import make_dataset
+    from harness.images import make_dataset
 
     root = tmp_path_factory.mktemp("store-module")
     data = make_dataset(root / "chest_xray", per_class=10)

@@ -7,8 +7,8 @@ import pytest
 from model import TsneMap
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_TSNE_ARTIFACT
-from tests.support.client import Uploads
-from tests.support.images import encode, synthetic_xray
+from tests.client import Uploads
+from harness.images import encode, synthetic_xray
 
 XRAY = encode(synthetic_xray(400, 320), ".png")
 

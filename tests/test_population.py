@@ -9,9 +9,9 @@ from model import CheckpointError, load_checkpoint, save_checkpoint
 from model.film_facts import FilmFacts, age_from_dates, parse_dicom_age
 from model.population import KINDS, IntendedUse, PopulationGate, PopulationHead, PopulationNet, metadata_reasons
 from model.settings import DEFAULT_CHECKPOINT
-from tests.support.client import Uploads
-from tests.support.dicom_files import make_dicom, twelve_bit
-from tests.support.images import encode, synthetic_xray
+from tests.client import Uploads
+from harness.dicom_files import make_dicom, twelve_bit
+from harness.images import encode, synthetic_xray
 
 USE = IntendedUse()
 

@@ -11,7 +11,7 @@ from model import (
     preprocess,
 )
 from model.decode import DecodeLimits
-from tests.support.images import encode, synthetic_xray
+from harness.images import encode, synthetic_xray
 
 SQUASH = PreprocessParams(geometry="squash")
 CROP = PreprocessParams(geometry="center_crop")

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tests.support.images import synthetic_xray
+from harness.images import synthetic_xray
 
 
 def _pil(image: Image.Image, fmt: str, **kwargs) -> bytes:

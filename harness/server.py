@@ -22,12 +22,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """Another program bound the free port between our check and gunicorn's bind."""
+
+
 @contextmanager
 def gunicorn(workers: int = 1, env: dict | None = None, timeout: float = 90, log_path: Path | None = None):
     """Yields (base_url, process); stops the server (and its workers) on exit.
 
-    ``log_path``: keep the server's log in that file (for a test that reads it).
+    ``log_path``: keep the server's log in that file (for a test that reads it). A port that
+    a neighbouring program takes before gunicorn binds it is no failure: another is tried.
     """
+    for attempt in range(3):
+        try:
+            server = _started(workers, env, timeout, log_path)
+            break
+        except PortTaken:
+            if attempt == 2:
+                raise
+    base, process, log = server
+    try:
+        yield base, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _started(workers: int, env: dict | None, timeout: float, log_path: Path | None):
+    """(base_url, process, log) of a gunicorn that answers ``/healthz``."""
     port = free_port()
     environment = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers), **(env or {})}
     # The server's log goes to a file: an unread pipe fills up and blocks the workers.
@@ -41,27 +67,27 @@ def gunicorn(workers: int = 1, env: dict | None = None, timeout: float = 90, log
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
     try:
-        deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{log.read()}")
+                text = log.read()
+                if "Connection in use" in text or "Address already in use" in text:
+                    raise PortTaken(text)
+                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{text}")
             try:
                 with urllib.request.urlopen(base + "/healthz", timeout=2):
-                    break
+                    return base, process, log
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("gunicorn did not become ready")
+                    raise TimeoutError("gunicorn did not become ready") from None
                 time.sleep(0.2)
-        yield base, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    except BaseException:
+        process.kill()
+        process.wait()
         log.close()
+        raise
 
 
 def multipart(field: str, filename: str, data: bytes, content_type="application/octet-stream") -> tuple[bytes, str]:
