@@ -4,12 +4,14 @@ Knows nothing of Flask or of training; ``app`` and ``training`` import from here
 Imports run one way, from the leaves up:
 
     settings, errors -> pixels -> dicom -> decode -> preprocess
-    network -> saliency, population;  gate, atomic -> checkpoint -> predictor;  atomic -> tsne_map
+    network -> inference (the CPU-fast copy), saliency, population;
+    gate, atomic -> checkpoint -> predictor;  atomic -> tsne_map
 """
 from .checkpoint import CLASS_NAMES, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .decode import DecodeLimits, decode_image
 from .errors import ImageError, ImageTooLargeError, InvalidImageError, UnsupportedImageError
-from .network import Ensemble, Inference, NetworkConfig, PneumoniaNet, for_inference
+from .inference import for_inference
+from .network import Ensemble, Inference, NetworkConfig, PneumoniaNet
 from .predictor import BatchOutput, NetworkOutput, Prediction, Predictor, calibrate, infer_batches
 from .preprocess import PreprocessParams, preprocess
 from .tsne_map import TsneMap, TsneMapError

@@ -18,7 +18,8 @@ import torch
 
 from .atomic import atomic_write
 from .gate import OODGate
-from .network import Ensemble, NetworkConfig, PneumoniaNet, for_inference
+from .inference import for_inference
+from .network import Ensemble, NetworkConfig, PneumoniaNet
 from .population import IntendedUse, PopulationGate, PopulationHead, population_gate_from_dict
 from .preprocess import PreprocessParams
 

@@ -6,14 +6,12 @@ sees the image as it is.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 @dataclass(frozen=True)
@@ -102,32 +100,13 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         theta = self.regressor(self.localisation(x)).view(-1, 2, 3)
-        if torch.is_grad_enabled():
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        else:
-            grid = affine_grid(theta, *x.shape[-2:])
+        grid = self.sampling_grid(theta, *x.shape[-2:])
         return F.grid_sample(x, grid, padding_mode="border", align_corners=False), theta
 
-
-_BASE_GRIDS: dict[tuple, torch.Tensor] = {}
-
-
-def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``F.affine_grid(theta, (N, C, height, width), align_corners=False)`` for inference.
-
-    That builds the untransformed pixel grid anew on every call and applies theta with a
-    batched matrix product (87 us for one 64 px image, one thread); here the grid is built
-    once per size and theta is applied with six multiply-adds over it (16 us). Not for
-    training: the cached grid is made without autograd.
-    """
-    key = (height, width, theta.device, theta.dtype)
-    base = _BASE_GRIDS.get(key)
-    if base is None:
-        identity = IDENTITY.to(theta)[None]
-        base = _BASE_GRIDS[key] = F.affine_grid(identity, [1, 1, height, width], align_corners=False)[0]
-    x, y = base[..., 0], base[..., 1]  # (H, W) each
-    t = theta[:, :, :, None, None]  # (N, 2, 3, 1, 1): each coefficient broadcasts over the grid
-    return torch.stack([x * t[:, 0, 0] + y * t[:, 0, 1] + t[:, 0, 2], x * t[:, 1, 0] + y * t[:, 1, 1] + t[:, 1, 2]], dim=-1)
+    @staticmethod
+    def sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Where each output pixel samples the input (``model.inference`` caches its base for serving)."""
+        return F.affine_grid(theta, [theta.shape[0], 1, height, width], align_corners=False)
 
 
 class PneumoniaNet(nn.Module):
@@ -162,7 +141,7 @@ class PneumoniaNet(nn.Module):
             theta = IDENTITY.to(x).expand(x.shape[0], 2, 3)
         activation, taps = aligned, []
         for index, block in enumerate(self.features):
-            activation = block.forward(activation)  # no hooks here (``DirectSequential``)
+            activation = block.forward(activation)  # nothing hooks into the blocks: skip Module.__call__
             if index in TAPS["blocks"]:
                 taps.append(F.adaptive_avg_pool2d(activation, TAPS["grid"]).flatten(1))
         features = self.pool(activation)
@@ -211,114 +190,3 @@ class Ensemble(nn.Module):
     def channel_weights(self, activations: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Per member, ``PneumoniaNet.channel_weights`` for the mean logit (each member's over their number)."""
         return [member.channel_weights(a) / len(self.members) for member, a in zip(self.members, activations)]
-
-
-def fold_batchnorm(sequence: nn.Sequential) -> nn.Sequential:
-    """A copy in which each BatchNorm that follows a convolution is folded into it.
-
-    In eval mode BatchNorm is a fixed scale and shift per channel, which the convolution's
-    weights and bias absorb: the same function, without a pass over the activations for
-    each BatchNorm. For inference only: the copy would not train as the original does.
-    """
-    layers: list[nn.Module] = []
-    for module in sequence:
-        if isinstance(module, nn.BatchNorm2d) and layers and isinstance(layers[-1], nn.Conv2d):
-            layers[-1] = fuse_conv_bn_eval(layers[-1], module)
-        elif isinstance(module, nn.Sequential):
-            layers.append(fold_batchnorm(module))
-        else:
-            layers.append(copy.deepcopy(module))
-    return nn.Sequential(*layers)
-
-
-def for_inference(model: Ensemble) -> Ensemble:
-    """A copy of ``model`` as the app and the scripts run it: eval mode, BatchNorm folded into
-    the convolutions, channels-last (``to_channels_last``)."""
-    model = copy.deepcopy(model).eval()
-    for member in model.members:
-        member.features = fold_batchnorm(member.features)
-    return to_channels_last(model)
-
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """``module`` with its convolutions channels-last (oneDNN's convolutions, the ReLUs and
-    the max pools run faster so), each one followed by a ReLU made a ``FusedConvReLU``, and
-    its sequences made ``DirectSequential``: an inference copy, which nothing hooks into."""
-    module.to(memory_format=torch.channels_last)
-    for parent in list(module.modules()):
-        if not isinstance(parent, nn.Sequential):
-            continue
-        if type(parent) is nn.Sequential:
-            parent.__class__ = DirectSequential  # the same layers and state; only ``forward`` differs
-        if not FusedConvReLU.available():
-            continue
-        for index in reversed(range(len(parent) - 1)):  # from the end, so a deletion moves no layer still to visit
-            if type(parent[index]) is nn.Conv2d and isinstance(parent[index + 1], nn.ReLU):
-                parent[index] = FusedConvReLU(parent[index])
-                del parent[index + 1]  # the ReLU is in the convolution now (an empty module call costs ~5 us)
-    return module
-
-
-class DirectSequential(nn.Sequential):
-    """``nn.Sequential`` that calls each layer's ``forward`` itself, without ``Module.__call__``
-    (its hook checks cost 2-4 us a layer, and a prediction passes some 40 layers)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            x = layer.forward(x)
-        return x
-
-
-class FusedConvReLU(nn.Module):
-    """A convolution and the ReLU after it, for inference: oneDNN's convolution with the ReLU
-    fused in and the weights laid out once for the input's shape and the thread count.
-
-    Otherwise PyTorch sends a single image's small convolutions to its im2col kernel, or to
-    oneDNN with the weights reordered on every call, and runs the ReLU as a pass of its own;
-    a batch's go to oneDNN with the weights reordered on every call. A network's first
-    convolution (one input channel) gains most: 80-110 us against 170-240 for 8 to 32
-    channels at 64 px, one thread. A prediction takes 6-10% less time; a film in a batch of
-    20 or 512, 20-46% less, of 2 to 4, 2-17% less (interleaved A/Bs, README); the same answers.
-    The oneDNN operators are those PyTorch's own compiler emits (``torch.ops.mkldnn``); where
-    a build lacks them, ``to_channels_last`` keeps the plain convolution.
-    """
-
-    # Layouts kept at once, one per batch size and thread count seen (the served networks'
-    # weights take 1.8 MB a layout): more than a server meets (1-4 films coalesced, up to 20
-    # in a batch request, 512 in the scripts); past it the cache starts again, never grows.
-    MAX_PACKED = 16
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"not a zero-padded convolution with explicit padding: {conv}")
-        self.conv = conv
-        self.settings = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        # (input shape, torch threads) -> weights in oneDNN's layout, which depends on how the
-        # work divides among threads: weights packed in a gunicorn master (two threads) and
-        # run in its workers (one) were reordered on every call, a prediction 3x as long.
-        self.packed: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
-
-    def __getstate__(self) -> dict:
-        """Copies and pickles leave the packed weights behind (oneDNN's layout has no storage
-        to copy); they are packed again on first use."""
-        return {**self.__dict__, "packed": {}}
-
-    @staticmethod
-    def available() -> bool:
-        ops = torch.ops.mkldnn
-        return (torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise")
-                and hasattr(ops, "_reorder_convolution_weight"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
-            return F.relu(self.conv(x))
-        shape = tuple(x.shape)
-        key = (shape, torch.get_num_threads())
-        weight = self.packed.get(key)
-        if weight is None:
-            if len(self.packed) >= self.MAX_PACKED:
-                self.packed.clear()  # one call: safe while other threads read the dict
-            weight = torch.ops.mkldnn._reorder_convolution_weight(self.conv.weight.detach(), *self.settings, list(shape))
-            self.packed[key] = weight
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, self.conv.bias, *self.settings, "relu", [], "")

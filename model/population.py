@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .film_facts import FilmFacts
-from .network import TAPS, PneumoniaNet, fold_batchnorm, to_channels_last
+from .inference import fold_batchnorm, to_channels_last
+from .network import TAPS, PneumoniaNet
 
 #: The classes the population gate tells apart; only the first is in population.
 KINDS = ("pediatric_frontal", "adult", "lateral")

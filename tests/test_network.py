@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from model import Ensemble, NetworkConfig, PneumoniaNet, for_inference
-from model.network import DirectSequential, FusedConvReLU, affine_grid, to_channels_last
+from model import inference
+from model.inference import CachedGridTransformer, DirectSequential, FusedConvReLU, affine_grid, to_channels_last
 
 
 def test_stn_starts_as_the_identity():
@@ -48,12 +49,14 @@ def test_the_cached_affine_grid_is_torch_s(size):
 
 def test_the_transformer_samples_the_same_with_and_without_autograd():
     torch.manual_seed(0)
-    stn = PneumoniaNet().stn.eval()
-    torch.nn.init.normal_(stn.regressor[-1].weight, std=0.05)  # away from the identity
+    net = PneumoniaNet().eval()
+    torch.nn.init.normal_(net.stn.regressor[-1].weight, std=0.05)  # away from the identity
+    stn, served = net.stn, for_inference(Ensemble([net])).members[0].stn
+    assert type(served) is CachedGridTransformer
     x = torch.rand(2, 1, 64, 64)
     trained_way, theta = stn(x)
     with torch.inference_mode():
-        served_way, served_theta = stn(x)
+        served_way, served_theta = served(x)
     assert not torch.allclose(theta, torch.eye(2, 3).expand(2, 2, 3), atol=1e-3)
     torch.testing.assert_close(served_theta, theta.detach())
     torch.testing.assert_close(served_way, trained_way.detach(), rtol=0, atol=1e-5)
@@ -166,6 +169,47 @@ def test_without_the_onednn_operator_the_plain_convolutions_stay(monkeypatch):
     monkeypatch.setattr(FusedConvReLU, "available", staticmethod(lambda: False))
     layers = to_channels_last(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()))
     assert type(layers[0]) is torch.nn.Conv2d and isinstance(layers[1], torch.nn.ReLU)
+
+
+@pytest.fixture
+def hidden_onednn(monkeypatch):
+    """The private operators looked up under names no torch build has: as a build without them."""
+    monkeypatch.setattr(inference, "ONEDNN_OPS", ("_no_such_convolution", "_no_such_reorder"))
+    inference.lookup_onednn_ops.cache_clear()
+    yield
+    inference.lookup_onednn_ops.cache_clear()
+
+
+def test_with_the_onednn_operators_hidden_the_served_network_runs_plain_pytorch(hidden_onednn):
+    torch.manual_seed(0)
+    net = PneumoniaNet().eval()
+    served = for_inference(Ensemble([net]))
+    assert inference.onednn_ops() is None
+    assert not any(isinstance(m, FusedConvReLU) for m in served.modules())
+    assert any(isinstance(m, torch.nn.ReLU) for m in served.modules())  # the plain layers stay
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(served.infer(x).logits, net.infer(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_a_fused_convolution_whose_operator_fails_falls_back_to_plain_pytorch(monkeypatch, caplog):
+    torch.manual_seed(0)
+    net = PneumoniaNet().eval()
+    served = for_inference(Ensemble([net]))
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        expected = served.infer(x).logits
+
+    def broken(*args):
+        raise RuntimeError("no kernel for these arguments")
+
+    monkeypatch.setattr(inference, "lookup_onednn_ops", lambda: (broken, broken))
+    monkeypatch.setattr(inference, "_disabled", False)
+    with torch.inference_mode():
+        torch.testing.assert_close(served.infer(x).logits, expected, rtol=1e-4, atol=1e-4)
+    assert inference.onednn_ops() is None  # plain from then on, and said once
+    assert caplog.text.count("running plain convolutions from now on") == 1
 
 
 def test_a_convolution_without_a_relu_after_it_is_not_fused():
