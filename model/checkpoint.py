@@ -19,8 +19,9 @@ import torch
 from .atomic import atomic_write
 from .gate import OODGate
 from .inference import for_inference
+from .intended_use import IntendedUse
 from .network import Ensemble, NetworkConfig, PneumoniaNet
-from .population import IntendedUse, PopulationGate, PopulationHead, population_gate_from_dict
+from .population import PopulationGate, PopulationHead, population_gate_from_dict
 from .preprocess import PreprocessParams
 
 FORMAT_VERSION = 1

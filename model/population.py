@@ -1,100 +1,27 @@
-"""Who the model is for, and the checks that refuse a film outside it.
+"""The population gate on the pixels: is this a young child's frontal chest film?
 
-The network learned pneumonia on frontal chest films of young children (one hospital,
-ages about 1 to 5). An adult's film, a lateral view or another body part gets a plain
-refusal with its reason, never a diagnosis. Three layers, any of which can say
-"outside":
-
-- the DICOM header, where there is one (age, view, body part: ``FilmFacts``);
-- what the person knows (an age in years typed on the form or sent to the API);
-- the pixels: ``PopulationHead``, a linear read-out of the classifier's own middle
-  activations that tells a pediatric frontal film from an adult's film and from a
-  lateral view (JPEG and PNG carry no metadata), beside the older gate for photos,
-  documents and other modalities (``gate.py``). Checkpoints made before it carry
-  ``PopulationGate``, small networks of their own that do the same in 1.3-1.9 ms a film,
-  where the head takes 0.02 ms and its taps in the forward pass 0.025 ms.
+``PopulationHead`` is a linear read-out of the classifier's own middle activations that
+tells a pediatric frontal film from an adult's film and from a lateral view (JPEG and
+PNG carry no metadata to say so). Checkpoints made before it carry ``PopulationGate``,
+small networks of their own that do the same at a larger cost; they are kept here so
+that such checkpoints still load and serve, and are no longer fitted. The reasons a
+film is refused, and the header's checks, are in ``model.intended_use``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import ClassVar, NamedTuple
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .film_facts import FilmFacts
 from .inference import fold_batchnorm, to_channels_last
 from .network import TAPS, PneumoniaNet
 
 #: The classes the population gate tells apart; only the first is in population.
 KINDS = ("pediatric_frontal", "adult", "lateral")
-
-
-@dataclass(frozen=True)
-class IntendedUse:
-    """Recorded in every checkpoint; shown on the upload page, every result and the model card."""
-
-    min_age_years: float = 0.0
-    max_age_years: float = 6.0  # younger than this
-    views: tuple[str, ...] = ("PA", "AP")
-    body_parts: tuple[str, ...] = ("CHEST", "THORAX")
-
-    def describe(self) -> str:
-        return (f"frontal ({' or '.join(self.views)}) chest X-rays of children younger than "
-                f"{self.max_age_years:g} years")
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        return {**data, "views": list(self.views), "body_parts": list(self.body_parts)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "IntendedUse":
-        return cls(float(data["min_age_years"]), float(data["max_age_years"]), tuple(data["views"]),
-                   tuple(data["body_parts"]))
-
-
-class Reason(NamedTuple):
-    check: str  # "age" | "view" | "body_part" | "image"
-    message: str
-
-    def to_dict(self) -> dict:
-        return {"check": self.check, "message": self.message}
-
-
-def metadata_reasons(facts: FilmFacts, age_field: float | None, use: IntendedUse) -> list[Reason]:
-    """The header's and the person's say. A field that is missing says nothing."""
-    reasons = []
-    age, source = (age_field, "as entered") if age_field is not None else (facts.age_years, "from the DICOM header")
-    if age is not None and not use.min_age_years <= age < use.max_age_years:
-        reasons.append(Reason("age", f"The patient's age, {format_years(age)} ({source}), is outside the intended "
-                                     f"use: children younger than {use.max_age_years:g} years."))
-    if facts.view and facts.view.upper() not in use.views:
-        reasons.append(Reason("view", f"The DICOM header gives the view as {facts.view}, not a frontal view; this "
-                                      f"model reads frontal ({' or '.join(use.views)}) chest films only."))
-    if facts.body_part and facts.body_part.upper() not in use.body_parts:
-        reasons.append(Reason("body_part", f"The DICOM header gives the body part as {facts.body_part}; this model "
-                                           "reads chest films only."))
-    return reasons
-
-
-def format_years(years: float) -> str:
-    if years < 2:
-        return f"{years * 12:.0f} months"
-    return f"{years:.0f} years" if abs(years - round(years)) < 0.05 else f"{years:.1f} years"
-
-
-IMAGE_MESSAGES = {
-    "not_xray": "The image does not look like a chest X-ray: it may be a photo, a document, another modality or "
-                "another body part.",
-    "adult": "The film looks like an adult's chest X-ray; this model was trained on young children and its "
-             "answer would not be valid.",
-    "lateral": "The film looks like a lateral view; this model reads frontal (PA or AP) chest films only.",
-    # both parts of the gate refuse it: they cannot say which of these it is
-    "unlike": "The film does not look like a young child's frontal chest X-ray: it may be an adult's film, a "
-              "lateral view, another body part, or not an X-ray at all.",
-}
 
 
 # ---- the pixels, in checkpoints made before the head: small networks of their own ---------

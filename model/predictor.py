@@ -20,9 +20,9 @@ from .coalesce import Coalescer
 from .decode import DecodeLimits, decode_film
 from .errors import ImageError, InvalidImageError
 from .film_facts import NO_FACTS, FilmFacts
+from .intended_use import IMAGE_MESSAGES, Reason, format_years, metadata_reasons
 from .network import Inference
 from .pixels import stretch
-from .population import IMAGE_MESSAGES, Reason, format_years, metadata_reasons
 from .preprocess import PreprocessParams, preprocess
 from .saliency import grad_cam
 

@@ -7,7 +7,8 @@ import torch
 
 from model import CheckpointError, load_checkpoint, save_checkpoint
 from model.film_facts import FilmFacts, age_from_dates, parse_dicom_age
-from model.population import KINDS, IntendedUse, PopulationGate, PopulationHead, PopulationNet, metadata_reasons
+from model.intended_use import IntendedUse, metadata_reasons
+from model.population import KINDS, PopulationGate, PopulationHead, PopulationNet
 from model.settings import DEFAULT_CHECKPOINT
 from tests.client import Uploads
 from harness.dicom_files import make_dicom, twelve_bit
