@@ -8,13 +8,14 @@ import time
 
 import pytest
 
+from harness.images import encode, synthetic_xray
 from model import load_checkpoint
 from model.atomic import atomic_write
 from model.settings import DEFAULT_CHECKPOINT, REPO_ROOT
 from model.store import ModelStore, StoreError
 from tests.client import Uploads
-from harness.images import encode, synthetic_xray
-from training import models, train
+from training import store as store_command
+from training import train
 
 XRAY = encode(synthetic_xray(400, 320), ".png")
 BUNDLED = load_checkpoint(DEFAULT_CHECKPOINT).version
@@ -28,7 +29,7 @@ BUNDLED_DIGEST = digest(DEFAULT_CHECKPOINT)
 
 
 def run_models(store, *argv) -> int:
-    return models.main(models.get_args_parser().parse_args(["--store", str(store), *argv]))
+    return store_command.main(store_command.get_args_parser().parse_args(["--store", str(store), *argv]))
 
 
 def listing(store, capsys) -> list[dict]:
@@ -153,7 +154,7 @@ def test_two_concurrent_promotions_are_serialised(candidate_store, tmp_path):
 
     def promote(version):
         return subprocess.Popen(
-            [sys.executable, "-m", "training.models", "--store", str(store), "promote", version, "--data", str(data),
+            [sys.executable, "-m", "training.store", "--store", str(store), "promote", version, "--data", str(data),
              "--force", "--reason", "concurrency drill"],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -257,10 +258,10 @@ GOOD = {"auc": 0.98, "sensitivity": 0.99, "false_positive_rate": 0.25, "ood_flag
     ({"auc": float("nan")}, "AUC nan"),
 ])
 def test_the_guard_s_rules(change, words):
-    reasons = models.guard({**GOOD, **change}, {**GOOD, "auc": 0.98}, dry_run=False)
+    reasons = store_command.guard({**GOOD, **change}, {**GOOD, "auc": 0.98}, dry_run=False)
     assert reasons == [] if words is None else len(reasons) >= 1 and words in "; ".join(reasons)
 
 
 def test_the_guard_refuses_dry_runs_and_models_without_a_population_gate():
-    assert "dry-run" in models.guard(GOOD, GOOD, dry_run=True)[0]
-    assert "no population gate" in models.guard(GOOD, GOOD, dry_run=False, population_gate=False)[0]
+    assert "dry-run" in store_command.guard(GOOD, GOOD, dry_run=True)[0]
+    assert "no population gate" in store_command.guard(GOOD, GOOD, dry_run=False, population_gate=False)[0]

@@ -241,7 +241,7 @@ def main(args) -> int:
     else:
         store.add(checkpoint, source=f"population gate refit of {old.version}")
         print(f"version {checkpoint.version}\nNothing served has changed. To serve it: "
-              f"python -m training.models promote {checkpoint.version}")
+              f"python -m training.store promote {checkpoint.version}")
     return 0
 
 

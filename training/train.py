@@ -3,7 +3,7 @@
     python -m training.train --data ../shared/data/chest_xray
 
 The result is a new candidate in the model store (``PNEUMONIA_MODEL_STORE``): it
-changes nothing that is served until ``python -m training.models promote VERSION``
+changes nothing that is served until ``python -m training.store promote VERSION``
 passes the promotion guard. ``--out FILE`` writes a checkpoint file instead, for
 experiments (never the bundled one). Files are written atomically at the end, and
 only then; a lock keeps two runs from writing into the same place at once.
@@ -53,8 +53,8 @@ from .augment import augment
 from .calibrate import fit_temperature
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
 from .evaluate import evaluate, transformer_figures
+from .gate import fit_gate
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
-from .ood import fit_gate
 from .population import fit_population, format_gate_table, gate_sets, population_figures
 
 log = logging.getLogger("training")
@@ -450,7 +450,7 @@ def _run(args, device, store: ModelStore | None) -> int:
     print(f"wrote {written} in {time.perf_counter() - started:.0f} s")
     print(f"version {checkpoint.version}")
     if store is not None:
-        print(f"Nothing served has changed. To serve it: python -m training.models promote {checkpoint.version}")
+        print(f"Nothing served has changed. To serve it: python -m training.store promote {checkpoint.version}")
     return 0
 
 

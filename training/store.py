@@ -1,8 +1,8 @@
 """Admin commands for the model store: list, promote (behind a guard), rollback.
 
-    python -m training.models list [--json]
-    python -m training.models promote VERSION [--force --reason TEXT]
-    python -m training.models rollback
+    python -m training.store list [--json]
+    python -m training.store promote VERSION [--force --reason TEXT]
+    python -m training.store rollback
 
 The guard re-evaluates the candidate and the serving model through ``Predictor`` on
 the test split and refuses a candidate that screens worse than the limits below,
