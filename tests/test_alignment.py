@@ -203,22 +203,21 @@ def test_the_transformer_learns_at_its_own_rate(tiny_dataset, tmp_path):
     assert member["stn_theta_spread"] == pytest.approx(0, abs=1e-6)  # identity for every film
 
 
-@pytest.mark.parametrize("kind", ["head", "networks"])
-def test_a_file_from_out_gets_its_population_gate_as_a_store_candidate(ablation_run, tmp_path, kind):
+def test_a_file_from_out_gets_its_population_gate_as_a_store_candidate(ablation_run, tmp_path):
     """training.population --checkpoint: how an experiment becomes a candidate (the bundled model's route)."""
-    from model.population import PopulationGate, PopulationHead
+    from model.population import PopulationHead
     from model.store import ModelStore
     from training import population
 
     data, paths = ablation_run
     store = tmp_path / "store"
-    args = ["--checkpoint", str(paths["stn"]), "--data", str(data), "--store", str(store), "--epochs", "1",
-            "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--kind", kind]
+    args = ["--checkpoint", str(paths["stn"]), "--data", str(data), "--store", str(store),
+            "--cache-dir", str(tmp_path / "cache"), "--workers", "1"]
     assert population.main(population.get_args_parser().parse_args(args)) == 0
     source = load_checkpoint(paths["stn"])
     candidates = [ModelStore(store).load(row["version"]) for row in ModelStore(store).versions()]
     refits = [c for c in candidates if c.training_data.get("population_gate", {}).get("refit_of") == source.version]
-    assert len(refits) == 1 and type(refits[0].population_gate) is {"head": PopulationHead, "networks": PopulationGate}[kind]
+    assert len(refits) == 1 and type(refits[0].population_gate) is PopulationHead
     assert refits[0].state_dicts[0]["head.1.weight"].equal(source.state_dicts[0]["head.1.weight"])
     assert {"alignment", "robustness", "population_gate"} <= set(refits[0].metrics)
     assert ModelStore(store).serving_version() != refits[0].version  # a candidate, not served

@@ -2,14 +2,12 @@
 
 Outlier exposure: children's frontal films (the training split) against adult frontal
 films and lateral views from ``ADULT_CXR_DATA``, fitted on 60% of the adult patients;
-the other 40% are never seen here and report the gate's figures. Two kinds, both
-reading the 64x64 model input (one preprocessing path) under strong augmentation, so
-that crops, arrows and exposure (quirks of where a film came from) matter less than
-anatomy: the default, a logistic regression on the classifier's own middle activations
-(``PopulationHead``: seconds to fit, microseconds to run), or ``--kind networks``, small
-networks of its own (``PopulationGate``, the kind before it). The threshold is a high
-quantile of the validation split's scores: chosen on children's validation films,
-never on the test split.
+the other 40% are never seen here and report the gate's figures. The gate is a
+logistic regression on the classifier's own middle activations (``PopulationHead``),
+fitted on each film as it is and under strong augmentation, so that crops, arrows and
+exposure (quirks of where a film came from) matter less than anatomy. The threshold is
+a high quantile of the validation split's scores: chosen on children's validation
+films, never on the test split.
 
     python -m training.population --version VERSION   # refit on a stored model: a new candidate
     python -m training.population --checkpoint FILE   # the same for a file from training.train --out
@@ -17,7 +15,6 @@ never on the test split.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import datetime as dt
 import logging
@@ -27,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from torch.nn import functional as F
 
 from model import CheckpointError, Predictor, load_checkpoint, save_checkpoint
-from model.population import KINDS, PopulationGate, PopulationHead, PopulationNet
+from model.population import KINDS, PopulationHead
 from model.predictor import infer_batches
 from model.settings import (
     DEFAULT_CACHE_DIR,
@@ -49,13 +45,11 @@ from .metrics import format_table
 
 log = logging.getLogger("training")
 
-CHANNELS = (16, 32, 64, 96)
-INPUT_POOL = 1
 #: Children's validation films allowed above the threshold (0.75%).
 QUANTILE = 0.9925
 #: The head's fit: each film as it is and in this many augmented copies; the inverse
 #: regularisation strength, chosen by five-fold cross-validation grouped by patient on the
-#: fitting films (adults of the left-out folds refused: C 0.003 97.1%, 0.01 97.8%, 0.03 97.5%).
+#: fitting films (docs/model.md).
 HEAD_COPIES = 3
 HEAD_C = 0.01
 #: How every fit's threshold is chosen, as its rule ends.
@@ -102,64 +96,6 @@ def fit_population_head(model, children: np.ndarray, children_val: np.ndarray, a
     return head
 
 
-def fit_population(kind: str, model, children: np.ndarray, children_val: np.ndarray, adult: np.ndarray,
-                   adult_kinds: np.ndarray, **network_options) -> PopulationHead | PopulationGate:
-    """``kind`` "head" (the default) or "networks" (``network_options`` go to ``fit_population_gate``)."""
-    if kind == "head":
-        return fit_population_head(model, children, children_val, adult, adult_kinds)
-    return fit_population_gate(children, children_val, adult, adult_kinds, **network_options)
-
-
-def fit_population_gate(
-    children: np.ndarray,
-    children_val: np.ndarray,
-    adult: np.ndarray,
-    adult_kinds: np.ndarray,
-    seeds: tuple[int, ...] = (0, 1),
-    epochs: int = 15,
-    channels: tuple[int, ...] = CHANNELS,
-    input_pool: int = INPUT_POOL,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    strength: float = 1.5,
-    max_batches: int | None = None,
-) -> PopulationGate:
-    """An ensemble of ``PopulationNet`` (one per seed); the loss is weighted for the class sizes."""
-    images, labels = outlier_exposure_films(children, adult, adult_kinds)
-    images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
-    counts = torch.bincount(labels, minlength=len(KINDS)).clamp(min=1).float()
-    weights = len(labels) / (len(KINDS) * counts)
-    states = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        net = PopulationNet(channels, input_pool=input_pool)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        steps = -(-len(labels) // batch_size)
-        if max_batches:
-            steps = min(steps, max_batches)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
-                                                        pct_start=0.2)
-        for _ in range(epochs):
-            net.train()
-            order = torch.randperm(len(labels), generator=generator)
-            for start in range(0, steps * batch_size, batch_size):
-                index = order[start : start + batch_size]
-                if len(index) < 2:  # BatchNorm needs two samples
-                    continue
-                loss = F.cross_entropy(net(augment(images[index], generator, strength)), labels[index], weight=weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-        states.append(copy.deepcopy(net.eval().state_dict()))
-    gate = PopulationGate(channels, states, threshold=0.5, input_pool=input_pool)
-    gate.threshold = validation_threshold(gate.probabilities(children_val))
-    gate.rule = (f"{len(seeds)} small networks ({64 // input_pool} px input) tell children's frontal films from adults' films and "
-                 f"lateral views; {THRESHOLD_RULE}")
-    return gate
-
-
 def population_figures(predictor: Predictor, sets: dict[str, np.ndarray]) -> dict:
     """Share of each set that the whole gate (both parts) refuses."""
     figures = {}
@@ -189,11 +125,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="refit a checkpoint file instead (one written by training.train --out)")
     parser.add_argument("--data", type=Path, default=data_dir())
     parser.add_argument("--adult-data", type=Path, default=adult_data_dir())
-    parser.add_argument("--kind", choices=("head", "networks"), default="head",
-                        help="a head on the network's activations, or small networks of its own")
-    parser.add_argument("--epochs", type=int, default=15, help="networks only")
-    parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS), help="of each network's blocks")
-    parser.add_argument("--input-pool", type=int, default=INPUT_POOL, help="average the 64 px input over k x k first")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write a checkpoint file instead of a store candidate")
@@ -219,13 +150,12 @@ def main(args) -> int:
     held_out = adult.held_out()
     log.info("fitting the population gate on %d children's films and %d adult/lateral films of %d patients",
              len(train), int((~held_out).sum()), len(np.unique(adult.patients[~held_out])))
-    gate = fit_population(args.kind, old.model, train.images, val.images, adult.films.images[~held_out],
-                          adult.films.labels[~held_out], epochs=args.epochs, channels=tuple(args.channels),
-                          input_pool=args.input_pool)
+    gate = fit_population_head(old.model, train.images, val.images, adult.films.images[~held_out],
+                               adult.films.labels[~held_out])
     created = dt.datetime.now(dt.timezone.utc)
     checkpoint = dataclasses.replace(old, population_gate=gate, created_at=created.isoformat(timespec="seconds"),
                                      training_data={**data, "population_gate": {
-                                         "kind": args.kind, "adult_films": str(Path(args.adult_data).resolve().name),
+                                         "kind": "head", "adult_films": str(Path(args.adult_data).resolve().name),
                                          "fitted_on_patients": int(len(np.unique(adult.patients[~held_out]))),
                                          "held_out_fraction": HELD_OUT_FRACTION, "refit_of": old.version}})
     checkpoint.version = checkpoint.content_version(created)
