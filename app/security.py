@@ -12,8 +12,8 @@ csrf = CSRFProtect()
 
 class SessionCookies(SecureCookieSessionInterface):
     """Flask's signed session cookie, with its signer made once per key instead of on every
-    request: to make one, itsdangerous serialises an empty dict as a test. On an API request,
-    which has no session, that was 0.08 of the 1.2 ms Flask and our code take around a prediction."""
+    request: to make one, itsdangerous serialises an empty dict as a test, which every API
+    request paid though it has no session."""
 
     _signer: tuple[tuple, URLSafeTimedSerializer | None] = ((), None)
 

@@ -1,7 +1,7 @@
 """The Bokeh figure of a t-SNE map: both splits side by side, pixels and features as tabs.
 
-Building it costs about 0.2 s, so the embedded (script, div) pair is kept per map
-file and rebuilt only when the file changes.
+Building it costs more than the rest of the page, so the embedded (script, div) pair is
+kept per map file and rebuilt only when the file changes.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class OODGate:
         distances = []
         for mean in self.class_means:
             delta = features - mean
-            distances.append(np.sum((delta @ self.precision) * delta, axis=1))  # BLAS: 5x a three-way einsum
+            distances.append(np.sum((delta @ self.precision) * delta, axis=1))  # one BLAS product, not a three-way einsum
         return np.sqrt(np.maximum(np.min(distances, axis=0), 0))
 
     def pixel_error(self, inputs: np.ndarray) -> np.ndarray:

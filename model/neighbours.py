@@ -2,13 +2,11 @@
 
 Both work in the network's learned-feature space (the "Learned features" t-SNE map):
 the training split's features, standardised as the map stored them, are searched by
-brute force (5,216 x 128 floats: 0.55 ms right after a prediction, whose work leaves the
-caches cold). A new film is placed on the existing map at its nearest training film's
-position: ``bench/neighbours.py`` placed every 5th training film from the other patients'
-films, and the nearest film's position missed t-SNE's own placement by 1.4 map spacings
-(median), the affinity-weighted mean of 3 neighbours by 2.4, of 10 by 3.9 (t-SNE keeps
-close neighbours close and bends the rest, so averaging pulls a point towards cluster
-centres). openTSNE's ``transform`` was not tried: it is not a dependency here.
+brute force: exact, and small next to a prediction for 5,216 films (``bench/neighbours.py``
+measures it). A new film is placed on the existing map at its nearest training film's
+position, which matched t-SNE's own placement of held-out training films better than any
+average of neighbours (t-SNE keeps close neighbours close and bends the rest, so averaging
+pulls a point towards cluster centres; figures in docs/model.md).
 """
 from __future__ import annotations
 

@@ -63,9 +63,8 @@ class Inference(NamedTuple):
 #: Where the population head reads the classifier (``model.population.PopulationHead``): the
 #: outputs of these convolutional blocks (0-based), each averaged over a grid x grid layout.
 #: The middle blocks: they still see the body's shape and where it lies, which age and view
-#: change; the last block has pooled that away for pneumonia (in cross-validation on the
-#: fitting films a head on it refused 73-85% of adults, on these 97.1-97.8%). A head records
-#: the layout it was fitted on.
+#: change; the last block has pooled that away for pneumonia (chosen by cross-validation on
+#: the fitting films: docs/model.md). A head records the layout it was fitted on.
 TAPS = {"blocks": (1, 2), "grid": 2}
 
 

@@ -144,9 +144,8 @@ class PopulationHead:
 
     The pneumonia network already sees each film's anatomy: its middle blocks, averaged
     over a 2 x 2 grid, tell children's frontal films from adults' and lateral ones as well
-    as two networks trained for it (each source of adult films left out in turn: 97.1% of
-    its adults refused against 96.9%, README), so the gate costs tens of microseconds
-    instead of 1.3-1.9 ms. ``weight`` and ``bias`` act on the taps standardised by
+    as two networks trained for it (docs/model.md), so the gate adds a small linear map to
+    the forward pass instead of networks of its own. ``weight`` and ``bias`` act on the taps standardised by
     ``mean`` and ``scale``; ``threshold``, as for the networks, is a high quantile of the
     validation split's scores. Fitted on one classifier's activations, it belongs to that
     model version alone.
