@@ -16,6 +16,7 @@ serve: $(BIN)/.installed
 	BIND=0.0.0.0:$(PORT) $(BIN)/gunicorn wsgi:app
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 train: $(BIN)/.installed

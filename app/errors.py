@@ -36,7 +36,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(CSRFError)
     def _csrf_error(error: CSRFError):
-        return error_response("The form has expired or did not come from this site; reload the page and try again.", 400)
+        message = "The form has expired or did not come from this site; reload the page and try again."
+        return error_response(message, 400)
 
     @app.errorhandler(413)
     def _too_large(error):

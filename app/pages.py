@@ -128,7 +128,8 @@ def model_card():
         history=store_history(checkpoint.version),
         gate_goals=GATE_GOALS,
         roc_lines={name: roc_polyline(m.get("roc")) for name, m in metrics.items()},
-        reliability={name: reliability_bars(m["calibration"]["bins"]) for name, m in metrics.items() if "calibration" in m},
+        reliability={name: reliability_bars(m["calibration"]["bins"])
+                     for name, m in metrics.items() if "calibration" in m},
         alignment=checkpoint.metrics.get("alignment"),
         aligned_films=aligned_films(get_predictor(), current_app.config["DATASET_DIR"]),
         robustness=checkpoint.metrics.get("robustness"),

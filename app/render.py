@@ -34,7 +34,8 @@ def saliency_png(gray: np.ndarray, heat: np.ndarray, side: int = 256) -> bytes:
     """
     base = cv2.resize(np.clip(gray, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_NEAREST)
     # cubic interpolation overshoots: clipped again after it
-    heat = np.clip(cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC), 0, 1)
+    heat = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
+    heat = np.clip(heat, 0, 1)
     index = np.uint8(heat * 255)
     colour = cv2.LUT(cv2.merge([index, index, index]), JET).astype(np.float32) / 255
     gray3 = np.repeat(base[:, :, None], 3, axis=2)

@@ -46,7 +46,7 @@ class ServedModel:
         self._start = threading.Lock()
 
     @classmethod
-    def from_store(cls, store: ModelStore, limits: DecodeLimits) -> "ServedModel":
+    def from_store(cls, store: ModelStore, limits: DecodeLimits) -> ServedModel:
         """Start-up: the serving version must load (``CheckpointError``/``StoreError`` otherwise)."""
         stamp = store.pointer_stamp()  # before loading: a promotion meanwhile is caught by the first refresh
         return cls(_load(store, store.serving_version(), limits), store, limits, stamp)

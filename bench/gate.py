@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.non_xray import non_xray_images
 from model import Predictor
 from model.predictor import infer_batches
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
-from harness.non_xray import non_xray_images
 from training.data import checkpoint_splits, load_adult_films
 from training.population import gate_sets
 

@@ -16,9 +16,9 @@ import threading
 import time
 from collections import Counter
 
-from model.settings import data_dir
 from harness.hostile import corpus
 from harness.server import gunicorn, multipart
+from model.settings import data_dir
 
 
 def main() -> int:
@@ -31,10 +31,12 @@ def main() -> int:
     if not folder.is_dir():
         print(f"dataset not found at {data_dir()}: set CHEST_XRAY_DATA")
         return 2
-    valid = [p.read_bytes() for p in sorted((folder / "PNEUMONIA").iterdir())[:10] + sorted((folder / "NORMAL").iterdir())[:10]]
+    films = sorted((folder / "PNEUMONIA").iterdir())[:10] + sorted((folder / "NORMAL").iterdir())[:10]
+    valid = [p.read_bytes() for p in films]
     bad = [case[2] for case in corpus() if case[3] == "refuse"]
     # two valid X-rays for every bad file
-    mix = [multipart("image", "x.jpeg", data) for data in valid] + [multipart("image", "x.bin", data) for data in bad[:10]]
+    mix = [multipart("image", "x.jpeg", data) for data in valid]
+    mix += [multipart("image", "x.bin", data) for data in bad[:10]]
     import psutil
 
     with gunicorn(workers=args.workers) as (base, server):
@@ -83,12 +85,14 @@ def main() -> int:
     latencies.sort()
     served = sum(statuses.values())
     five_xx = sum(n for s, n in statuses.items() if s >= 500)
-    print(f"{args.clients} clients, {wall:.0f} s, {args.workers} workers: {served} requests answered ({served / wall:.1f}/s)")
+    print(f"{args.clients} clients, {wall:.0f} s, {args.workers} workers: "
+          f"{served} requests answered ({served / wall:.1f}/s)")
     print("by status: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())) + f"; 5xx: {five_xx}")
     print(f"connection errors: {sum(errors.values())} {dict(errors) if errors else ''}")
     print(f"latency p50 {latencies[len(latencies) // 2]:.0f} ms, p99 {latencies[int(len(latencies) * 0.99)]:.0f} ms")
     warm = rss[min(5, len(rss) - 1)]
-    print(f"worker RSS (mean per worker): {warm:.0f} MB after 5 s, {rss[-1]:.0f} MB at the end, largest worker at the end {peak / 1024**2:.0f} MB")
+    print(f"worker RSS (mean per worker): {warm:.0f} MB after 5 s, {rss[-1]:.0f} MB at the end, "
+          f"largest worker at the end {peak / 1024**2:.0f} MB")
     return 0 if five_xx == 0 and not errors else 1
 
 

@@ -21,10 +21,10 @@ import tracemalloc
 import numpy as np
 import torch
 
+from harness.non_xray import non_xray_images
 from model import Predictor, TsneMap
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, adult_data_dir, data_dir
-from harness.non_xray import non_xray_images
 from training.data import checkpoint_splits, load_adult_films, patient_id
 from training.population import QUANTILE, gate_sets
 
@@ -100,7 +100,8 @@ def main() -> int:
     for _ in range(500):
         index.nearest(features, 6)
     cost = (time.perf_counter() - started) / 500 * 1000
-    print(f"neighbours + placement: {cost:.2f} ms a prediction (goal <= 2 ms); index memory {added_mb:.1f} MB (goal <= 30 MB)")
+    print(f"neighbours + placement: {cost:.2f} ms a prediction (goal <= 2 ms); "
+          f"index memory {added_mb:.1f} MB (goal <= 30 MB)")
     return 0
 
 

@@ -34,8 +34,8 @@ import urllib.request
 import cv2
 import numpy as np
 
-from model.settings import DEFAULT_CHECKPOINT, data_dir
 from harness.server import gunicorn, multipart
+from model.settings import DEFAULT_CHECKPOINT, data_dir
 
 
 def interleaved_ms(runs: dict, rounds: int) -> dict[str, float]:

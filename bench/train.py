@@ -46,7 +46,8 @@ def main() -> int:
                 cmd += ["--epochs", str(args.epochs)]
             train_s = run(cmd)
             peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
-            print(f"training, cold cache: {train_s / 60:.1f} min wall (goal <= 15), peak RSS {peak_gb:.2f} GB (goal <= 4)")
+            print(f"training, cold cache: {train_s / 60:.1f} min wall (goal <= 15), "
+                  f"peak RSS {peak_gb:.2f} GB (goal <= 4)")
         checkpoint = args.out or DEFAULT_CHECKPOINT
         eval_s = run([python, "-m", "training.evaluate", "--data", str(args.data), "--checkpoint",
                       str(checkpoint), "--no-cache"])

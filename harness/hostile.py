@@ -99,7 +99,8 @@ def polyglot_jpeg_zip() -> bytes:
     return _pil(_xray(), "JPEG") + zip_file()
 
 
-SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="512" height="512"><rect width="512" height="512"/></svg>'
+SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="512" height="512">'
+       b'<rect width="512" height="512"/></svg>')
 HTML = b"<!doctype html><html><body><script>alert(1)</script></body></html>"
 
 

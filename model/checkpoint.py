@@ -161,7 +161,8 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
     if checkpoint.class_names != CLASS_NAMES:
         raise CheckpointError(f"checkpoint {path}: classes {checkpoint.class_names} are not {CLASS_NAMES}")
     if set(checkpoint.calibration) != {"temperature", "bias"} or checkpoint.calibration["temperature"] <= 0:
-        raise CheckpointError(f"checkpoint {path}: calibration {checkpoint.calibration} is not a valid temperature scaling")
+        raise CheckpointError(
+            f"checkpoint {path}: calibration {checkpoint.calibration} is not a valid temperature scaling")
     if not checkpoint.state_dicts:
         raise CheckpointError(f"checkpoint {path} holds no weights")
     try:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from typing import Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -10,7 +10,7 @@ cover them (RLE Lossless, Deflated, JPEG Baseline).
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pydicom

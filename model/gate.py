@@ -36,7 +36,8 @@ class OODGate:
         distances = []
         for mean in self.class_means:
             delta = features - mean
-            distances.append(np.sum((delta @ self.precision) * delta, axis=1))  # one BLAS product, not a three-way einsum
+            # one BLAS product, not a three-way einsum
+            distances.append(np.sum((delta @ self.precision) * delta, axis=1))
         return np.sqrt(np.maximum(np.min(distances, axis=0), 0))
 
     def pixel_error(self, inputs: np.ndarray) -> np.ndarray:
@@ -67,8 +68,9 @@ class OODGate:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "OODGate":
-        arrays = {k: data[k].numpy().astype(np.float64) for k in ("class_means", "precision", "pixel_mean", "pixel_components")}
+    def from_dict(cls, data: dict) -> OODGate:
+        names = ("class_means", "precision", "pixel_mean", "pixel_components")
+        arrays = {k: data[k].numpy().astype(np.float64) for k in names}
         gate = cls(**arrays, feature_scale=float(data["feature_scale"]), pixel_scale=float(data["pixel_scale"]),
                    threshold=float(data["threshold"]), rule=str(data.get("rule", "")))
         if min(gate.feature_scale, gate.pixel_scale, gate.threshold) <= 0:

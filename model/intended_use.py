@@ -37,7 +37,7 @@ class IntendedUse:
         return {**data, "views": list(self.views), "body_parts": list(self.body_parts)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "IntendedUse":
+    def from_dict(cls, data: dict) -> IntendedUse:
         return cls(float(data["min_age_years"]), float(data["max_age_years"]), tuple(data["views"]),
                    tuple(data["body_parts"]))
 

@@ -37,7 +37,7 @@ class NetworkConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NetworkConfig":
+    def from_dict(cls, data: dict) -> NetworkConfig:
         data = dict(data)
         data["channels"] = tuple(data["channels"])
         data["stn_channels"] = tuple(data["stn_channels"])

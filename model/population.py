@@ -68,7 +68,8 @@ class StackedPopulationNets(nn.Module):
         for i, module in enumerate(bodies[0]):
             if isinstance(module, nn.Conv2d):
                 groups = count if module.in_channels > 1 else 1  # the first reads the one input channel
-                module = nn.Conv2d(module.in_channels * groups, module.out_channels * count, 3, padding=1, groups=groups)
+                module = nn.Conv2d(module.in_channels * groups, module.out_channels * count, 3, padding=1,
+                                   groups=groups)
                 module.weight.data = torch.cat([body[i].weight.data for body in bodies])
                 module.bias.data = torch.cat([body[i].bias.data for body in bodies])
             layers.append(module)
@@ -110,7 +111,8 @@ class PopulationGate:
         """(N, S, S) model inputs -> (N, len(KINDS)) mean class probabilities."""
         parts = []
         for start in range(0, len(inputs), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)).unsqueeze(1)
+            batch = np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)
+            x = torch.from_numpy(batch).unsqueeze(1)
             parts.append(F.softmax(self.stacked(x), dim=2).mean(dim=1).numpy())
         return np.concatenate(parts) if parts else np.zeros((0, len(KINDS)), np.float32)
 
@@ -119,14 +121,14 @@ class PopulationGate:
         return _assess(self.probabilities(inputs), self.threshold)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "channels": list(self.channels), "threshold": float(self.threshold), "rule": self.rule,
-                "input_pool": int(self.input_pool),
+        return {"kind": self.kind, "channels": list(self.channels), "threshold": float(self.threshold),
+                "rule": self.rule, "input_pool": int(self.input_pool),
                 "state_dicts": [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in self.state_dicts]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PopulationGate":
-        gate = cls(tuple(data["channels"]), list(data["state_dicts"]), float(data["threshold"]), str(data.get("rule", "")),
-                   int(data.get("input_pool", 1)))
+    def from_dict(cls, data: dict) -> PopulationGate:
+        gate = cls(tuple(data["channels"]), list(data["state_dicts"]), float(data["threshold"]),
+                   str(data.get("rule", "")), int(data.get("input_pool", 1)))
         if not 0 < gate.threshold < 1 or not gate.state_dicts:
             raise ValueError("population gate threshold must lie in (0, 1) and it needs weights")
         return gate
@@ -198,7 +200,7 @@ class PopulationHead:
                 "state_dicts": self.state_dicts}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PopulationHead":
+    def from_dict(cls, data: dict) -> PopulationHead:
         taps = {"blocks": tuple(data["taps"]["blocks"]), "grid": int(data["taps"]["grid"])}
         if taps != TAPS:
             raise ValueError(f"population head was fitted on activations {taps}; this code gives {TAPS}")

@@ -37,7 +37,7 @@ class NetworkOutput(NamedTuple):
     taps: np.ndarray  # (N, D), what the population head reads (``network.TAPS``)
 
     @classmethod
-    def of(cls, out: Inference) -> "NetworkOutput":
+    def of(cls, out: Inference) -> NetworkOutput:
         return cls(
             out.logits.detach().float().cpu().numpy().astype(np.float64),
             out.aligned[:, 0].detach().float().cpu().numpy(),
@@ -110,7 +110,7 @@ class Predictor:
         self._coalescer = Coalescer(self._predict_prepared)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> "Predictor":
+    def from_path(cls, path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> Predictor:
         return cls(load_checkpoint(path, expected_preprocess=PreprocessParams()), limits)
 
     @property

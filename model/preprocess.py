@@ -69,7 +69,7 @@ class PreprocessParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessParams":
+    def from_dict(cls, data: dict) -> PreprocessParams:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -16,10 +16,10 @@ import datetime as dt
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -37,7 +37,7 @@ class StoreError(RuntimeError):
 
 def now() -> str:
     """UTC, to the millisecond: two versions added in one second still list in order."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def summary_of(checkpoint: Checkpoint) -> dict:
@@ -89,7 +89,8 @@ class ModelStore:
         except FileNotFoundError:
             raise StoreError(f"the model store {self.root} has no serving model yet") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"the model store's pointer {self.pointer_path} is unreadable ({type(exc).__name__})") from None
+            raise StoreError(
+                f"the model store's pointer {self.pointer_path} is unreadable ({type(exc).__name__})") from None
 
     def serving_version(self) -> str:
         return self.read_pointer().serving

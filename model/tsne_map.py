@@ -58,13 +58,14 @@ class TsneMap:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TsneMap":
+    def load(cls, path: str | os.PathLike) -> TsneMap:
         path = Path(path)
         if not path.is_file():
             raise TsneMapError(f"No t-SNE artifact at {path}.")
         try:
             with np.load(path, allow_pickle=False) as data:
-                version = int(data["format_version"]) if "format_version" in data.files else int(data["artifact_version"])
+                key = "format_version" if "format_version" in data.files else "artifact_version"
+                version = int(data[key])
                 if version not in READABLE_VERSIONS:
                     raise TsneMapError(f"The t-SNE artifact at {path} has format version {version}; "
                                        f"this code reads {FORMAT_VERSION}.")

@@ -22,7 +22,8 @@ class Uploads:
 
     def api(self, data: bytes | None, filename: str = "xray.png", field: str = "image", query: str = "", **fields):
         payload = {} if data is None else {field: (io.BytesIO(data), filename)}
-        return self.client.post(f"/api/v1/predict{query}", data={**payload, **fields}, content_type="multipart/form-data")
+        return self.client.post(f"/api/v1/predict{query}", data={**payload, **fields},
+                                content_type="multipart/form-data")
 
     def batch_form(self, files: list[tuple[bytes, str]], **fields):
         payload = {"csrf_token": self.csrf_token(), "images": [(io.BytesIO(d), n) for d, n in files], **fields}

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from app import create_app
+from harness.images import make_adult_films, make_dataset
 from model.settings import adult_data_dir, data_dir
 from tests.client import Uploads
-from harness.images import make_adult_films, make_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)

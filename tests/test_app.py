@@ -12,10 +12,10 @@ from itsdangerous import BadSignature
 from PIL import Image
 
 from app import create_app
+from harness.images import encode, synthetic_xray
 from model import CheckpointError
 from model.settings import REPO_ROOT
 from tests.client import CSRF, Uploads
-from harness.images import encode, synthetic_xray
 
 
 def png(array: np.ndarray) -> bytes:
@@ -251,7 +251,8 @@ def test_uploads_are_kept_in_memory_even_when_large(app):
     data = png(noise)
     assert len(data) > 1_000_000  # far above werkzeug's 500 KB spooling threshold
     with app.test_request_context(
-        "/api/v1/predict", method="POST", data={"image": (io.BytesIO(data), "x.png")}, content_type="multipart/form-data"
+        "/api/v1/predict", method="POST", data={"image": (io.BytesIO(data), "x.png")},
+        content_type="multipart/form-data",
     ):
         from flask import request
 

@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from tests.client import Uploads
 from harness.dicom_files import make_dicom, twelve_bit
 from harness.images import encode, synthetic_xray
+from tests.client import Uploads
 
 XRAY = encode(synthetic_xray(400, 320), ".png")
 

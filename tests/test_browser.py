@@ -74,7 +74,8 @@ def test_upload_a_real_xray_through_the_form(browser, live_server, real_data):
     assert probability.endswith("%") and 0 <= float(probability[:-1]) <= 100
     assert decision in ("PNEUMONIA suspected", "NORMAL")
     images = browser.find_elements(By.CSS_SELECTOR, ".images img")
-    assert [img.get_property("naturalWidth") for img in images] == [64, 64, 64]  # input, aligned, heat map (each shown at 256)
+    # input, aligned, heat map (each shown at 256)
+    assert [img.get_property("naturalWidth") for img in images] == [64, 64, 64]
     assert resource_origins(browser) == {live_server}
     assert severe_console_messages(browser) == []
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness.images import synthetic_xray
 from model import (
     Checkpoint,
     CheckpointError,
@@ -14,7 +15,6 @@ from model import (
     load_checkpoint,
     save_checkpoint,
 )
-from harness.images import synthetic_xray
 
 
 def make_checkpoint(preprocess=PreprocessParams(), threshold=0.3) -> Checkpoint:

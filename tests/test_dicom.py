@@ -4,9 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from model import InvalidImageError, decode_image, preprocess
 from harness.dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
 from harness.images import encode, synthetic_xray
+from model import InvalidImageError, decode_image, preprocess
 
 XRAY = synthetic_xray(320, 280)
 

@@ -17,10 +17,10 @@ import pytest
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
-from model import load_checkpoint
-from model.settings import REPO_ROOT
 from harness.images import encode, synthetic_xray
 from harness.server import gunicorn, post_image
+from model import load_checkpoint
+from model.settings import REPO_ROOT
 
 XRAY = encode(synthetic_xray(500, 400), ".jpg")
 

@@ -81,8 +81,8 @@ def test_promotion_and_rollback_reach_every_worker_under_load_without_a_failed_r
     import threading
     import time
 
-    from model.store import ModelStore
     from harness.images import make_dataset
+    from model.store import ModelStore
 
     store_dir = tmp_path / "store"
     data = make_dataset(tmp_path / "chest_xray", per_class=8)
@@ -93,7 +93,8 @@ def test_promotion_and_rollback_reach_every_worker_under_load_without_a_failed_r
     bundled, candidate = store.serving_version(), store.versions()[-1]["version"]
     xray = encode(synthetic_xray(500, 400), ".jpg")
     log_path = tmp_path / "server.log"
-    with gunicorn(workers=2, env={"PNEUMONIA_MODEL_STORE": str(store_dir), **settings}, log_path=log_path) as (base, server):
+    env = {"PNEUMONIA_MODEL_STORE": str(store_dir), **settings}
+    with gunicorn(workers=2, env=env, log_path=log_path) as (base, server):
         outcomes, stop = [], threading.Event()
 
         def client():

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model import ImageError, preprocess
 from harness.hostile import corpus
 from harness.images import encode, synthetic_xray
+from model import ImageError, preprocess
 
 CASES = corpus()
 VALID = encode(synthetic_xray(400, 320), ".png")
@@ -46,8 +46,8 @@ def test_multipart_without_a_file_part(client):
 
 
 def test_two_file_parts(client):
-    response = client.post("/api/v1/predict", data={"image": (io.BytesIO(VALID), "a.png"), "other": (io.BytesIO(VALID), "b.png")},
-                           content_type="multipart/form-data")
+    files = {"image": (io.BytesIO(VALID), "a.png"), "other": (io.BytesIO(VALID), "b.png")}
+    response = client.post("/api/v1/predict", data=files, content_type="multipart/form-data")
     assert response.status_code == 400 and "exactly one" in response.get_json()["error"]
 
 

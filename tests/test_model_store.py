@@ -111,7 +111,8 @@ def test_force_needs_a_reason_and_is_recorded_then_rollback_returns(store_copy, 
     assert run_models(store, "promote", candidate, "--data", str(data), "--force", "--reason", "pipeline drill") == 0
     pointer = ModelStore(store).read_pointer()
     assert pointer.serving == candidate
-    assert pointer.history[-1] == {**pointer.history[-1], "action": "promote", "forced": True, "reason": "pipeline drill"}
+    forced = {"action": "promote", "forced": True, "reason": "pipeline drill"}
+    assert pointer.history[-1] == {**pointer.history[-1], **forced}
     assert {r["version"]: r["serving"] for r in listing(store, capsys)}[candidate] is True
     assert run_models(store, "rollback") == 0
     assert ModelStore(store).serving_version() == BUNDLED

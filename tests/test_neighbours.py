@@ -4,11 +4,11 @@ import re
 import numpy as np
 import pytest
 
+from harness.images import encode, synthetic_xray
 from model import TsneMap
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_TSNE_ARTIFACT
 from tests.client import Uploads
-from harness.images import encode, synthetic_xray
 
 XRAY = encode(synthetic_xray(400, 320), ".png")
 
@@ -50,7 +50,8 @@ def test_the_nearest_films_are_those_of_a_full_sort_of_exact_distances():
     rng = np.random.default_rng(0)
     # training films themselves, and points between two of them
     rows = rng.choice(len(index), 6, replace=False)
-    queries = [index.features[r] for r in rows] + [(index.features[a] + index.features[b]) / 2 for a, b in rows.reshape(3, 2)]
+    queries = [index.features[r] for r in rows]
+    queries += [(index.features[a] + index.features[b]) / 2 for a, b in rows.reshape(3, 2)]
     for standardised in queries:
         exact = np.linalg.norm(index.features - standardised, axis=1)
         expected = np.argsort(exact, kind="stable")[:10]

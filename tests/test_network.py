@@ -3,8 +3,7 @@ import copy
 import pytest
 import torch
 
-from model import Ensemble, NetworkConfig, PneumoniaNet, for_inference
-from model import inference
+from model import Ensemble, NetworkConfig, PneumoniaNet, for_inference, inference
 from model.inference import CachedGridTransformer, DirectSequential, FusedConvReLU, affine_grid, to_channels_last
 
 
@@ -73,10 +72,12 @@ def test_ensemble_averages_member_logits():
 
 def test_standardise_removes_exposure():
     x = torch.rand(2, 1, 64, 64)
-    torch.testing.assert_close(PneumoniaNet.standardise(0.5 * x + 0.2), PneumoniaNet.standardise(x), atol=1e-4, rtol=1e-4)
+    exposed = PneumoniaNet.standardise(0.5 * x + 0.2)
+    torch.testing.assert_close(exposed, PneumoniaNet.standardise(x), atol=1e-4, rtol=1e-4)
 
 
-needs_onednn = pytest.mark.skipif(not FusedConvReLU.available(), reason="this torch build has no oneDNN convolution operator")
+needs_onednn = pytest.mark.skipif(not FusedConvReLU.available(),
+                                  reason="this torch build has no oneDNN convolution operator")
 
 
 @needs_onednn
@@ -92,7 +93,8 @@ def test_a_fused_convolution_gives_the_convolution_and_its_relu(channels, groups
             torch.testing.assert_close(out, torch.relu(conv(x)), rtol=1e-4, atol=1e-4)
             assert (out >= 0).all()
         threads = torch.get_num_threads()
-        assert list(fused.packed) == [((1, channels, 32, 24), threads), ((3, channels, 32, 24), threads)]  # once a shape
+        # once a shape
+        assert list(fused.packed) == [((1, channels, 32, 24), threads), ((3, channels, 32, 24), threads)]
         copied = copy.deepcopy(fused)  # the packed weights stay behind and are packed again
         assert copied.packed == {}
         torch.testing.assert_close(copied(x[:1]), fused(x[:1]))

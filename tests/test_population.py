@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from harness.dicom_files import make_dicom, twelve_bit
+from harness.images import encode, synthetic_xray
 from model import CheckpointError, load_checkpoint, save_checkpoint
 from model.film_facts import FilmFacts, age_from_dates, parse_dicom_age
 from model.intended_use import IntendedUse, metadata_reasons
 from model.population import KINDS, PopulationGate, PopulationHead, PopulationNet
 from model.settings import DEFAULT_CHECKPOINT
 from tests.client import Uploads
-from harness.dicom_files import make_dicom, twelve_bit
-from harness.images import encode, synthetic_xray
 
 USE = IntendedUse()
 
@@ -63,7 +63,8 @@ def child_pixels(real_data):
     predictor = Predictor.from_path(DEFAULT_CHECKPOINT)
     for path in sorted((real_data / "test" / "NORMAL").iterdir()):
         pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if predictor.predict(pixels).in_distribution and predictor.predict(make_dicom(twelve_bit(pixels))).in_distribution:
+        as_dicom = make_dicom(twelve_bit(pixels))
+        if predictor.predict(pixels).in_distribution and predictor.predict(as_dicom).in_distribution:
             return pixels
     pytest.fail("no test film passes the gate")
 
@@ -135,7 +136,8 @@ def test_the_age_field_on_the_api(pediatric_film, uploads, age, status, checks):
 def test_the_age_field_on_the_form_and_the_batch_form(pediatric_film, uploads):
     html = uploads.form(pediatric_film, age_years="40").get_data(as_text=True)
     assert 'id="ood-warning"' in html and "40 years" in html and 'id="decision"' not in html
-    html = uploads.batch_form([(pediatric_film, "a.jpeg"), (pediatric_film, "b.jpeg")], age_years="40").get_data(as_text=True)
+    films = [(pediatric_film, "a.jpeg"), (pediatric_film, "b.jpeg")]
+    html = uploads.batch_form(films, age_years="40").get_data(as_text=True)
     assert html.count('class="outside"') == 2 and "PNEUMONIA suspected" not in html
     assert uploads.form(pediatric_film, age_years="abc").status_code == 400
     body = uploads.batch_api([(pediatric_film, "a.jpeg")], age_years="200").get_json()
@@ -236,7 +238,8 @@ def test_the_head_is_the_fitted_logistic_regression_and_survives_a_checkpoint(tm
 
 
 def _with_population_gate(gate, tmp_path):
-    return save_checkpoint(dataclasses.replace(load_checkpoint(DEFAULT_CHECKPOINT), population_gate=gate), tmp_path / "ck.pt")
+    checkpoint = dataclasses.replace(load_checkpoint(DEFAULT_CHECKPOINT), population_gate=gate)
+    return save_checkpoint(checkpoint, tmp_path / "ck.pt")
 
 
 def test_a_head_fitted_on_other_activations_is_refused(tmp_path):

@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from harness.images import encode, synthetic_xray
 from model import (
     ImageTooLargeError,
     InvalidImageError,
@@ -11,7 +12,6 @@ from model import (
     preprocess,
 )
 from model.decode import DecodeLimits
-from harness.images import encode, synthetic_xray
 
 SQUASH = PreprocessParams(geometry="squash")
 CROP = PreprocessParams(geometry="center_crop")

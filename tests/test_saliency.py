@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from harness.images import encode, synthetic_xray
 from model import Ensemble, PneumoniaNet, for_inference
 from model.saliency import grad_cam
-from harness.images import encode, synthetic_xray
 
 XRAY = encode(synthetic_xray(400, 320), ".png")
 

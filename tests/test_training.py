@@ -117,7 +117,8 @@ def test_patient_ids():
 
 
 def test_validation_split_never_splits_a_patient():
-    files = [f"person{i // 3}_bacteria_{i}.jpeg" for i in range(90)] + [f"IM-{i // 2:04d}-{i:04d}.jpeg" for i in range(60)]
+    files = [f"person{i // 3}_bacteria_{i}.jpeg" for i in range(90)]
+    files += [f"IM-{i // 2:04d}-{i:04d}.jpeg" for i in range(60)]
     labels = np.array([1] * 90 + [0] * 60)
     train_idx, val_idx = validation_split(files, labels, 0.2, seed=0)
     assert not {patient_id(files[i]) for i in train_idx} & {patient_id(files[i]) for i in val_idx}
@@ -188,7 +189,8 @@ def test_zoom_strength_widens_the_zoom_and_aspect_ranges_alone():
     x = torch.zeros(400, 1, 32, 32)
     x[:, :, 8:24, 8:24] = 1.0  # a bright square whose area the zoom changes
     narrow = augment(x, torch.Generator().manual_seed(0), strength=1.0).gt(0.5).float().mean(dim=(1, 2, 3))
-    wide = augment(x, torch.Generator().manual_seed(0), strength=1.0, zoom_strength=3.0).gt(0.5).float().mean(dim=(1, 2, 3))
+    wide = augment(x, torch.Generator().manual_seed(0), strength=1.0, zoom_strength=3.0)
+    wide = wide.gt(0.5).float().mean(dim=(1, 2, 3))
     assert wide.std() > 1.5 * narrow.std()
 
 

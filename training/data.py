@@ -44,7 +44,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "Split":
+    def subset(self, index: np.ndarray) -> Split:
         return Split(self.images[index], self.labels[index], [self.files[i] for i in index])
 
     def summary(self) -> dict:

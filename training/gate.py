@@ -36,6 +36,6 @@ def fit_gate(
     gate.rule = (
         f"the combined distance (feature Mahalanobis over {train_features.shape[1]} dimensions and pixel "
         f"PCA-{pca.n_components_} reconstruction error, each scaled by its {quantile:.1%} validation quantile) "
-        f"above {'%g x ' % margin if margin != 1 else ''}its own {quantile:.1%} validation quantile"
+        f"above {f'{margin:g} x ' if margin != 1 else ''}its own {quantile:.1%} validation quantile"
     )
     return gate

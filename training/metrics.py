@@ -62,6 +62,7 @@ def format_table(results: dict[str, dict]) -> str:
         c = m["confusion"]
         lines.append(
             f"{name:<12}{m['n']:>6}{m['auc']:>8.4f}{m['sensitivity']:>8.4f}{m['specificity']:>8.4f}"
-            f"{m['false_positive_rate']:>8.4f}{m['accuracy']:>8.4f}  {c['tn']:>3} {c['fp']:>3} {c['fn']:>3} {c['tp']:>3}"
+            f"{m['false_positive_rate']:>8.4f}{m['accuracy']:>8.4f}  "
+            f"{c['tn']:>3} {c['fp']:>3} {c['fn']:>3} {c['tp']:>3}"
         )
     return "\n".join(lines)

@@ -75,8 +75,9 @@ def fit_population_head(model, children: np.ndarray, children_val: np.ndarray, a
     images, labels = outlier_exposure_films(children, adult, adult_kinds)
     generator = torch.Generator().manual_seed(seed)
     taps = [infer_batches(model, images).taps]  # then each augmented copy's, one copy in memory at a time
-    taps += [infer_batches(model, augment(torch.from_numpy(images).unsqueeze(1), generator, strength)[:, 0].numpy()).taps
-             for _ in range(copies)]
+    for _ in range(copies):
+        augmented = augment(torch.from_numpy(images).unsqueeze(1), generator, strength)[:, 0].numpy()
+        taps.append(infer_batches(model, augmented).taps)
     taps = np.concatenate(taps).astype(np.float64)
     labels = np.tile(labels, 1 + copies)
     mean, scale = taps.mean(axis=0), np.maximum(taps.std(axis=0), 1e-6)
@@ -152,7 +153,7 @@ def main(args) -> int:
              len(train), int((~held_out).sum()), len(np.unique(adult.patients[~held_out])))
     gate = fit_population_head(old.model, train.images, val.images, adult.films.images[~held_out],
                                adult.films.labels[~held_out])
-    created = dt.datetime.now(dt.timezone.utc)
+    created = dt.datetime.now(dt.UTC)
     checkpoint = dataclasses.replace(old, population_gate=gate, created_at=created.isoformat(timespec="seconds"),
                                      training_data={**data, "population_gate": {
                                          "kind": "head", "adult_films": str(Path(args.adult_data).resolve().name),

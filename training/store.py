@@ -68,7 +68,8 @@ def guard(candidate: dict, serving: dict, dry_run: bool, population_gate: bool =
     if not candidate["auc"] >= MIN_AUC:  # NaN fails too
         reasons.append(f"AUC {candidate['auc']:.4f} < {MIN_AUC}")
     if candidate["auc"] < serving["auc"] - MAX_AUC_DROP:
-        reasons.append(f"AUC {candidate['auc']:.4f} is more than {MAX_AUC_DROP} below the serving model's {serving['auc']:.4f}")
+        reasons.append(f"AUC {candidate['auc']:.4f} is more than {MAX_AUC_DROP} below "
+                       f"the serving model's {serving['auc']:.4f}")
     flagged = candidate.get("ood_flagged")
     if flagged is None or flagged > MAX_OOD_FLAGGED:
         shown = "no gate" if flagged is None else f"{flagged:.1%}"
@@ -100,7 +101,8 @@ def cmd_list(store: ModelStore, as_json: bool) -> int:
     print(f"{'':2}{'version':<28}{'trained':<22}{'promoted (UTC)':<22}{'AUC':>7}{'sens':>7}{'FPR':>7}{'gate':>7}  note")
     for row in rows:
         test = row.get("metrics", {}).get("test", {})
-        figures = "".join(f"{test[k]:>7.3f}" if k in test else f"{'-':>7}" for k in ("auc", "sensitivity", "false_positive_rate"))
+        figures = "".join(f"{test[k]:>7.3f}" if k in test else f"{'-':>7}"
+                          for k in ("auc", "sensitivity", "false_positive_rate"))
         gate = f"{test['ood_flagged']:>7.1%}" if "ood_flagged" in test else f"{'-':>7}"
         note = "dry run" if row.get("dry_run") else row.get("problem", row.get("source", ""))
         print(f"{'*' if row['serving'] else ' ':2}{row['version']:<28}{str(row.get('trained_at', '-'))[:19]:<22}"

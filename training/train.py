@@ -65,7 +65,8 @@ DRY_RUN_BATCHES = 3
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=data_dir(), help="dataset folder (train|val|test/NORMAL|PNEUMONIA)")
+    parser.add_argument("--data", type=Path, default=data_dir(),
+                        help="dataset folder (train|val|test/NORMAL|PNEUMONIA)")
     parser.add_argument("--store", type=Path, default=model_store_dir(), help="model store to add the candidate to")
     parser.add_argument("--out", type=Path, default=None,
                         help="write a checkpoint file (and FILE.metrics.json) instead of a store candidate")
@@ -266,7 +267,7 @@ def _run(args, recipe: Recipe, device, store: ModelStore | None) -> int:
     served = for_inference(Ensemble(members))
     calibration, gate, threshold = fit_operating_point(served, train, val, recipe.target_sensitivity)
     state_dicts = [m.state_dict() for m in members]
-    created = dt.datetime.now(dt.timezone.utc)
+    created = dt.datetime.now(dt.UTC)
     checkpoint = Checkpoint(
         network=members[0].config,
         preprocess=params,
@@ -306,7 +307,8 @@ def _run(args, recipe: Recipe, device, store: ModelStore | None) -> int:
         save_checkpoint(checkpoint, args.out)
         metrics_path = args.out.with_suffix(".metrics.json")
         with atomic_write(metrics_path) as handle:
-            handle.write(json.dumps({"version": checkpoint.version, "threshold": threshold, **results}, indent=2).encode())
+            record = {"version": checkpoint.version, "threshold": threshold, **results}
+            handle.write(json.dumps(record, indent=2).encode())
         written = f"{args.out} and {metrics_path}"
     else:
         written = f"candidate {checkpoint.version}{' (dry run)' if recipe.dry_run else ''} into the store {store.root}"
@@ -314,7 +316,8 @@ def _run(args, recipe: Recipe, device, store: ModelStore | None) -> int:
     print(format_table(results))
     print(f"threshold {threshold:.4f} ({recipe.target_sensitivity} target sensitivity on validation); "
           f"calibration T={calibration['temperature']:.3f} b={calibration['bias']:.3f}; "
-          f"ECE validation {results['validation']['calibration']['ece']:.4f}, test {results['test']['calibration']['ece']:.4f}; "
+          f"ECE validation {results['validation']['calibration']['ece']:.4f}, "
+          f"test {results['test']['calibration']['ece']:.4f}; "
           f"out-of-population flagged: validation {results['validation']['ood_flagged']:.1%}, "
           f"test {results['test']['ood_flagged']:.1%}")
     if "population_gate" in checkpoint.metrics:

@@ -80,7 +80,7 @@ def build_map(args, checkpoint: Path) -> TsneMap:
     log.info("      done in %.0f s", time.perf_counter() - started)
     return TsneMap(
         checkpoint_version=predictor.version,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         threshold=predictor.threshold,
         pixel_xy=pixel_xy,
         feature_xy=feature_xy,
