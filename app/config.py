@@ -1,15 +1,7 @@
 """App settings: defaults that run out of the box, each overridable by the environment.
 
-| variable                  | default                                                   |
-| ------------------------- | --------------------------------------------------------- |
-| PNEUMONIA_MODEL_STORE     | instance/models (seeded with the bundled model)           |
-| PNEUMONIA_CHECKPOINT      | unset; a file here is served as is, bypassing the store   |
-| PNEUMONIA_TSNE_ARTIFACT   | unset; the serving version's map in the store             |
-| CHEST_XRAY_DATA           | ../shared/data/chest_xray (thumbnails)                    |
-| MAX_UPLOAD_MB             | 20                                                        |
-| MAX_IMAGE_MEGAPIXELS      | 40                                                        |
-| MAX_BATCH_FILES           | 20                                                        |
-| SECRET_KEY                | random per start, with a warning                          |
+The variables, their defaults and what they set are listed once, in the README's
+"Settings" table; the paths' defaults live in ``model/settings.py``.
 """
 from __future__ import annotations
 
