@@ -1,0 +1,396 @@
+"""Films as other hospitals export them: the site-shift suite.
+
+    python -m training.site_shift --checkpoint FILE [--split test|validation] [--json FILE]
+
+Each row changes every film of a split the way another X-ray system or export may
+(borders and letterboxing, collimation, local contrast processing, sharpening, gamma,
+noise, JPEG re-compression, low resolution, burned-in text, small rotations, inverted
+polarity), at the film's own resolution, before the product's whole path: decoding,
+``model.preprocess``, the network and both gates. Per row: the share the gate refuses,
+and on the films it passes the AUC, sensitivity and false-positive rate at the
+checkpoint's threshold, and the share of decisions that differ from the films as they
+are. Exact duplicate images (same pixels) are counted once. ``--split validation`` is
+the checkpoint's own validation films, for choosing; the test split is for reporting;
+``--split adults`` the adult frontal films and lateral views of the patients held out
+from the population gate's fit, where only the share refused counts.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from model import CheckpointError, ImageError, Predictor, load_checkpoint, preprocess, save_checkpoint
+from model.decode import decode_image
+from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
+
+from .data import DatasetError, checkpoint_splits, load_adult_films, scan_split
+from .metrics import roc_auc
+
+log = logging.getLogger("training")
+
+Change = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W) film -> uint8 film
+
+
+def border(fraction: float, value: int) -> Change:
+    """A uniform frame of ``fraction`` of the shorter side on every edge."""
+    def change(film: np.ndarray) -> np.ndarray:
+        width = max(1, round(fraction * min(film.shape)))
+        return cv2.copyMakeBorder(film, width, width, width, width, cv2.BORDER_CONSTANT, value=value)
+    return change
+
+
+def letterbox(value: int) -> Change:
+    """Padded to a square (the short side filled), as a viewer exporting a square image does."""
+    def change(film: np.ndarray) -> np.ndarray:
+        height, width = film.shape
+        side = max(height, width)
+        top, left = (side - height) // 2, (side - width) // 2
+        return cv2.copyMakeBorder(film, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT,
+                                  value=value)
+    return change
+
+
+def collimated(fraction: float) -> Change:
+    """Tighter framing: ``fraction`` of each side cut away."""
+    def change(film: np.ndarray) -> np.ndarray:
+        height, width = film.shape
+        dy, dx = round(fraction * height), round(fraction * width)
+        return film[dy : height - dy, dx : width - dx]
+    return change
+
+
+def clahe(clip: float, tiles: int) -> Change:
+    return lambda film: cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(film)
+
+
+def smooth(x: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian blur of ``sigma`` pixels; a wide one is taken on a smaller copy (the same low-pass)."""
+    if sigma <= 8:
+        return cv2.GaussianBlur(x, (0, 0), sigma)
+    factor = sigma / 4
+    small = cv2.resize(x, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+    return cv2.resize(cv2.GaussianBlur(small, (0, 0), 4), x.shape[::-1], interpolation=cv2.INTER_LINEAR)
+
+
+def unsharp(sigma_fraction: float, amount: float) -> Change:
+    """Unsharp masking with a Gaussian of ``sigma_fraction`` of the shorter side."""
+    def change(film: np.ndarray) -> np.ndarray:
+        x = film.astype(np.float32)
+        return np.clip(x + amount * (x - smooth(x, sigma_fraction * min(film.shape))), 0, 255).astype(np.uint8)
+    return change
+
+
+def multiscale(film: np.ndarray) -> np.ndarray:
+    """Multi-scale enhancement: detail at three scales boosted, as vendors' processing does."""
+    x = film.astype(np.float32)
+    out = x.copy()
+    for fraction, gain in ((0.005, 0.6), (0.02, 0.5), (0.08, 0.4)):
+        out += gain * (x - smooth(x, fraction * min(film.shape)))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def gamma(value: float) -> Change:
+    table = np.clip(255 * (np.arange(256) / 255) ** value, 0, 255).astype(np.uint8)
+    return lambda film: cv2.LUT(film, table)
+
+
+def window(low: float, high: float) -> Change:
+    """Exposure and contrast: the film's gray levels mapped into [low, high] of the range."""
+    table = np.clip(255 * (low + (high - low) * np.arange(256) / 255), 0, 255).astype(np.uint8)
+    return lambda film: cv2.LUT(film, table)
+
+
+def noise(sigma: float) -> Change:
+    def change(film: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(int(film[::97, ::89].sum()) % 2**32)  # the same noise for a film every run
+        grain = rng.standard_normal(film.shape, dtype=np.float32) * sigma
+        return np.clip(film + grain, 0, 255).astype(np.uint8)
+    return change
+
+
+def jpeg(quality: int) -> Change:
+    def change(film: np.ndarray) -> np.ndarray:
+        ok, data = cv2.imencode(".jpg", film, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    return change
+
+
+def low_resolution(side: int) -> Change:
+    """Exported small: the longer side brought to ``side`` pixels."""
+    def change(film: np.ndarray) -> np.ndarray:
+        scale = side / max(film.shape)
+        return cv2.resize(film, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else film
+    return change
+
+
+def resampled(side: int) -> Change:
+    """The same film at another native resolution: the longer side at ``side`` pixels."""
+    def change(film: np.ndarray) -> np.ndarray:
+        scale = side / max(film.shape)
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        return cv2.resize(film, None, fx=scale, fy=scale, interpolation=interpolation)
+    return change
+
+
+def burned_in(film: np.ndarray) -> np.ndarray:
+    """A side marker and two lines of text in white, as many systems burn them in."""
+    out = film.copy()
+    height, width = film.shape
+    scale = min(film.shape) / 400
+    thickness = max(1, round(2 * scale))
+    cv2.putText(out, "R", (round(0.06 * width), round(0.12 * height)), cv2.FONT_HERSHEY_SIMPLEX, 2.0 * scale, 255,
+                thickness + 1)
+    for row, text in enumerate(("AP SUPINE  PORTABLE", "2026-12-06 04:18  kV 60 mAs 2.0")):
+        cv2.putText(out, text, (round(0.45 * width), round((0.90 + 0.05 * row) * height)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.6 * scale, 255, thickness)
+    return out
+
+
+def rotated(degrees: float) -> Change:
+    def change(film: np.ndarray) -> np.ndarray:
+        height, width = film.shape
+        matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
+        return cv2.warpAffine(film, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
+    return change
+
+
+def inverted(film: np.ndarray) -> np.ndarray:
+    """A MONOCHROME1 film exported without inversion: bone dark, air bright."""
+    return 255 - film
+
+
+#: The rows of the suite, in the order they print.
+CHANGES: dict[str, Change] = {
+    "as is": lambda film: film,
+    "black border, 2% of the side": border(0.02, 0),
+    "black border, 5%": border(0.05, 0),
+    "black border, 10%": border(0.10, 0),
+    "gray border, 5%": border(0.05, 128),
+    "white border, 5%": border(0.05, 255),
+    "padded to a square (letterbox, black)": letterbox(0),
+    "padded to a square (letterbox, white)": letterbox(255),
+    "collimated: 8% of each side cut": collimated(0.08),
+    "CLAHE, clip 1, 8 x 8 tiles": clahe(1.0, 8),
+    "CLAHE, clip 2, 8 x 8 tiles": clahe(2.0, 8),
+    "CLAHE, clip 4, 8 x 8 tiles": clahe(4.0, 8),
+    "CLAHE, clip 2, 4 x 4 tiles": clahe(2.0, 4),
+    "CLAHE, clip 2, 16 x 16 tiles": clahe(2.0, 16),
+    "histogram equalisation": cv2.equalizeHist,
+    "unsharp masking, large kernel": unsharp(0.05, 1.0),
+    "unsharp masking, small kernel": unsharp(0.005, 1.5),
+    "multi-scale enhancement": multiscale,
+    "gamma 0.7": gamma(0.7),
+    "gamma 1.4": gamma(1.4),
+    "low contrast window (20-80%)": window(0.2, 0.8),
+    "darker exposure (0-70%)": window(0.0, 0.7),
+    "noise, sigma 6 gray levels": noise(6.0),
+    "JPEG quality 30": jpeg(30),
+    "low resolution, 320 px": low_resolution(320),
+    "resampled to 800 px": resampled(800),
+    "resampled to 2,500 px": resampled(2500),
+    "burned-in text and side marker": burned_in,
+    "rotated +5°": rotated(5.0),
+    "rotated -5°": rotated(-5.0),
+    "inverted polarity": inverted,
+}
+
+
+def read_film(path: Path) -> np.ndarray:
+    """The film's gray pixels at full size, 8-bit, as the dataset holds them."""
+    film = decode_image(path.read_bytes())
+    if film.dtype != np.uint8:
+        film = np.round(255 * (film - film.min()) / max(float(np.ptp(film)), 1e-6)).astype(np.uint8)
+    return film
+
+
+def _inputs_for(args: tuple[str, tuple, list[str]]) -> np.ndarray:
+    """(path, params, change names) -> (changes, S, S) model inputs of one film (a worker's task)."""
+    path, params, names = args
+    film = read_film(Path(path))
+    out = []
+    for name in names:
+        try:
+            out.append(preprocess(CHANGES[name](film), params))
+        except ImageError:  # a change the product would refuse to read: a blank input stands for it
+            out.append(np.zeros((params.size, params.size), np.float32))
+    return np.stack(out)
+
+
+def pixel_hash(path: Path) -> str:
+    return hashlib.sha256(read_film(path).tobytes()).hexdigest()
+
+
+def films_of(split: str, checkpoint, data: Path, cache_dir: Path) -> tuple[list[Path], np.ndarray]:
+    """(paths, labels) of a split, exact duplicates (same pixels) counted once."""
+    if split == "validation":
+        _, val, _ = checkpoint_splits(checkpoint.training_data, data, checkpoint.preprocess, cache_dir, progress=False)
+        items = [(data / f, int(label)) for f, label in zip(val.files, val.labels)]
+    else:
+        items = [(data / f, label) for f, label in scan_split(data, split)]
+    seen, kept = set(), []
+    for path, label in items:
+        digest = pixel_hash(path)
+        if digest not in seen:
+            seen.add(digest)
+            kept.append((path, label))
+    if len(kept) < len(items):
+        log.info("%d exact duplicate images in %s counted once", len(items) - len(kept), split)
+    return [p for p, _ in kept], np.array([label for _, label in kept])
+
+
+def adult_films(checkpoint, root: Path, cache_dir: Path) -> tuple[list[Path], np.ndarray]:
+    """(paths, kinds: 1 adult frontal, 2 lateral) of the held-out patients' adult films."""
+    adult = load_adult_films(root, checkpoint.preprocess, cache_dir, progress=False)
+    held_out = np.flatnonzero(adult.held_out())
+    return [root / adult.films.files[i] for i in held_out], adult.films.labels[held_out]
+
+
+def refusals(predictor: Predictor, inputs: np.ndarray, kinds: np.ndarray, names: list[str]) -> dict:
+    """Per change, the share of adult frontal films and of lateral views the gate refuses."""
+    rows = {}
+    for i, name in enumerate(names):
+        refused = predictor.predict_many(inputs[i]).ood_scores > 1
+        rows[name] = {"adult frontal": float(refused[kinds == 1].mean()), "lateral": float(refused[kinds == 2].mean()),
+                      "films": {"adult frontal": int((kinds == 1).sum()), "lateral": int((kinds == 2).sum())}}
+    return rows
+
+
+def model_inputs(paths: list[Path], params, names: list[str], workers: int) -> np.ndarray:
+    """(changes, films, S, S): every film under every change."""
+    tasks = [(str(p), params, names) for p in paths]
+    with ProcessPoolExecutor(workers) as pool:
+        per_film = list(pool.map(_inputs_for, tasks, chunksize=8))
+    return np.stack(per_film, axis=1)
+
+
+def bootstrap(labels: np.ndarray, scores: np.ndarray, decided: np.ndarray, draws: int = 1000,
+              seed: int = 0) -> dict[str, list[float]]:
+    """95% intervals of AUC, sensitivity and false-positive rate by resampling films."""
+    rng = np.random.default_rng(seed)
+    figures = {"auc": [], "sensitivity": [], "false_positive_rate": []}
+    n = len(labels)
+    for _ in range(draws):
+        pick = rng.integers(0, n, n)
+        y, s, d = labels[pick], scores[pick], decided[pick]
+        if y.min() == y.max():
+            continue
+        figures["auc"].append(roc_auc(y, s))
+        figures["sensitivity"].append(float(d[y == 1].mean()))
+        figures["false_positive_rate"].append(float(d[y == 0].mean()))
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in figures.items()}
+
+
+def site_shift(predictor: Predictor, inputs: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """Per change: refused, and on the films passed AUC, sensitivity, FPR and decisions changed."""
+    outputs = {name: predictor.predict_many(inputs[i]) for i, name in enumerate(names)}
+    base = outputs["as is"]
+    base_refused = base.ood_scores > 1 if base.ood_scores is not None else np.zeros(len(labels), bool)
+    base_positive = base.probabilities >= predictor.threshold
+    rows = {}
+    for name, out in outputs.items():
+        refused = out.ood_scores > 1 if out.ood_scores is not None else np.zeros(len(labels), bool)
+        passed = ~refused
+        positive = out.probabilities >= predictor.threshold
+        both = passed & ~base_refused
+        y = labels[passed]
+        rows[name] = {
+            "films": int(len(labels)),
+            "refused": float(refused.mean()),
+            "refused_by_kind": {kind: float(np.mean(out.outside == kind)) for kind in ("not_xray", "adult", "lateral",
+                                                                                       "unlike")}
+            if out.outside is not None else {},
+            "auc": roc_auc(y, out.probabilities[passed]) if 0 < y.sum() < len(y) else float("nan"),
+            "sensitivity": float(positive[passed & (labels == 1)].mean()) if (y == 1).any() else float("nan"),
+            "false_positive_rate": float(positive[passed & (labels == 0)].mean()) if (y == 0).any() else float("nan"),
+            "decisions_changed": float(np.mean(positive[both] != base_positive[both])) if both.any() else float("nan"),
+            "mean_probability_change_normal": float(np.mean((out.probabilities - base.probabilities)[labels == 0])),
+        }
+    passed = ~base_refused
+    rows["as is"]["intervals"] = bootstrap(labels[passed], base.probabilities[passed], base_positive[passed])
+    return rows
+
+
+def format_rows(rows: dict) -> str:
+    lines = ["| films | gate refuses | AUC (passed) | sensitivity (passed) | false-positive rate (passed) | "
+             "decisions changed |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['refused']:.1%} | {r['auc']:.4f} | {r['sensitivity']:.3f} | "
+                     f"{r['false_positive_rate']:.3f} | {r['decisions_changed']:.1%} |")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--data", type=Path, default=data_dir())
+    parser.add_argument("--split", choices=("test", "validation", "adults"), default="test")
+    parser.add_argument("--adult-data", type=Path, default=adult_data_dir())
+    parser.add_argument("--rows", nargs="+", default=None, help="names of the rows to run (default: all)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--record", action="store_true",
+                        help="write the test split's figures into the checkpoint file (for the model card); "
+                             "for a file from training.train --out, before it goes into the store")
+    return parser
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    names = ["as is"] + [n for n in (args.rows or CHANGES) if n != "as is"]
+    unknown = [n for n in names if n not in CHANGES]
+    if unknown:
+        log.error("no such rows: %s (the rows are: %s)", unknown, ", ".join(CHANGES))
+        return 2
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        if args.split == "adults":
+            paths, labels = adult_films(checkpoint, args.adult_data, args.cache_dir)
+        else:
+            paths, labels = films_of(args.split, checkpoint, args.data, args.cache_dir)
+    except (CheckpointError, DatasetError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    predictor = Predictor(checkpoint)
+    inputs = model_inputs(paths, checkpoint.preprocess, names, args.workers)
+    if args.split == "adults":
+        rows = refusals(predictor, inputs, labels, names)
+        counts = rows["as is"]["films"]
+        print(f"{checkpoint.version}: held-out adult films refused ({counts['adult frontal']} adult frontal, "
+              f"{counts['lateral']} lateral)")
+        print("| films | adult frontal refused | lateral refused |\n| --- | --- | --- |")
+        for name, row in rows.items():
+            print(f"| {name} | {row['adult frontal']:.1%} | {row['lateral']:.1%} |")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
+    rows = site_shift(predictor, inputs, labels, names)
+    print(f"{checkpoint.version} on the {args.split} split ({len(labels)} films, duplicates counted once), "
+          f"threshold {predictor.threshold:.3f}")
+    print(format_rows(rows))
+    intervals = rows["as is"]["intervals"]
+    print("as is, bootstrap 95% intervals: " + ", ".join(f"{k} {lo:.3f}-{hi:.3f}" for k, (lo, hi) in intervals.items()))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.record:
+        if args.split != "test" or args.rows:
+            log.error("--record keeps the whole suite on the test split only")
+            return 2
+        checkpoint.metrics["site_shift"] = rows
+        save_checkpoint(checkpoint, args.checkpoint)
+        print(f"recorded in {args.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
