@@ -133,6 +133,7 @@ def model_card():
         alignment=checkpoint.metrics.get("alignment"),
         aligned_films=aligned_films(get_predictor(), current_app.config["DATASET_DIR"]),
         robustness=checkpoint.metrics.get("robustness"),
+        site_shift=checkpoint.metrics.get("site_shift"),
     )
 
 

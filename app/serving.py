@@ -23,7 +23,8 @@ from pathlib import Path
 
 from flask import Flask, current_app, g
 
-from model import CheckpointError, DecodeLimits, Predictor, PreprocessParams, TsneMap, TsneMapError
+from model import CheckpointError, DecodeLimits, Predictor, PreprocessParams, TsneMap, TsneMapError, load_checkpoint
+from model.checkpoint import PreprocessMismatch
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT
 from model.store import ModelStore, StoreError
@@ -105,12 +106,31 @@ def init_app(app: Flask) -> None:
         store = ModelStore(app.config["MODEL_STORE"])
         if store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT):
             log.info("seeded the model store %s with the bundled model", store.root)
-        served, source = ServedModel.from_store(store, limits), f"the model store {store.root}"
+        try:
+            served = ServedModel.from_store(store, limits)
+        except PreprocessMismatch as exc:
+            served = ServedModel.from_store(upgraded(store, exc), limits)
+        source = f"the model store {store.root}"
     app.extensions["model"] = served
     with app.app_context():  # load the nearest-film index now, not on the first request
         neighbour_index(served.predictor.version)
     log.info("serving model %s from %s (loaded in %.2f s)", served.predictor.version, source,
              time.perf_counter() - started)
+
+
+def upgraded(store: ModelStore, mismatch: PreprocessMismatch) -> ModelStore:
+    """A code update changed the preprocessing, so the serving version cannot serve here: the
+    bundled version of this code (a candidate since ``ensure_seeded``) is served instead, and
+    the store's history records why. Raises the mismatch when the bundled version is the one."""
+    bundled = load_checkpoint(DEFAULT_CHECKPOINT).version
+    with store.lock("promote"):
+        old = store.serving_version()
+        if old == bundled:
+            raise mismatch
+        store.set_serving(bundled, "upgrade", reason=f"{old} was made with other preprocessing than this code's")
+    log.warning("model %s cannot serve with this code's preprocessing: serving the bundled model %s instead "
+                "(recorded in the store's history)", old, bundled)
+    return store
 
 
 def get_predictor() -> Predictor:

@@ -109,6 +109,10 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     return path
 
 
+class PreprocessMismatch(CheckpointError):
+    """The checkpoint was trained on preprocessing other than this code's: it cannot serve here."""
+
+
 def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessParams | None = None) -> Checkpoint:
     """Read and validate; any problem raises ``CheckpointError`` with a one-line reason.
 
@@ -150,7 +154,7 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} is incompatible with this code: {exc}") from None
     if expected_preprocess is not None and preprocess != expected_preprocess:
-        raise CheckpointError(
+        raise PreprocessMismatch(
             f"checkpoint {path} was trained with preprocessing {preprocess.to_dict()}, "
             f"but this code uses {expected_preprocess.to_dict()}"
         )

@@ -20,11 +20,14 @@ from .coalesce import Coalescer
 from .decode import DecodeLimits, decode_film
 from .errors import ImageError, InvalidImageError
 from .film_facts import NO_FACTS, FilmFacts
-from .intended_use import IMAGE_MESSAGES, Reason, format_years, metadata_reasons
+from .intended_use import IMAGE_MESSAGES, Reason, format_years, metadata_reasons, polarity
 from .network import Inference
 from .pixels import stretch
 from .preprocess import PreprocessParams, preprocess
 from .saliency import grad_cam
+
+#: The out-of-population score of a film refused for looking inverted alone (above 1: outside).
+INVERTED_SCORE = 2.0
 
 
 class NetworkOutput(NamedTuple):
@@ -71,7 +74,8 @@ class BatchOutput:
     features: np.ndarray  # (N, C)
     ood_scores: np.ndarray | None  # (N,), > 1 is out of population; None without a gate
     theta: np.ndarray  # (N, 2, 3), the spatial transformer's affine transform
-    #: (N,) "" in population, else why not: "not_xray", "adult", "lateral" or "unlike" (see ``IMAGE_MESSAGES``)
+    #: (N,) "" in population, else why not: "not_xray", "adult", "lateral", "unlike" or "inverted"
+    #: (see ``IMAGE_MESSAGES``)
     outside: np.ndarray | None = None
 
 
@@ -242,4 +246,8 @@ class Predictor:
             refused = population_scores > 1
             outside = np.where(refused, np.where(outside == "", kinds, "unlike"), outside)
             scores = np.maximum(scores, population_scores)
+        # A film the gates pass but that looks inverted is refused too: never scored as it is.
+        inverted = (outside == "") & (polarity(inputs) < 0)
+        outside = np.where(inverted, "inverted", outside)
+        scores = np.where(inverted, np.maximum(scores, INVERTED_SCORE), scores)
         return scores, outside

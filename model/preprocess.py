@@ -17,15 +17,19 @@ import numpy as np
 
 from .decode import DecodeLimits, decode_image
 from .errors import InvalidImageError
+from .framing import film_bounds
 from .pixels import stretch, to_gray_float
 
 #: Bump when the arithmetic below changes in a way that changes model inputs.
 #: 2: JPEGs decode at a reduced DCT scale (``decode.py``) and 8/16-bit images shrink
 #: to the prefilter size before the float conversion; a 224 px image (the training
 #: copies) gives exactly the input of version 1.
-PREPROCESS_VERSION = 2
+#: 3: ``frame``: the film is cut out of a uniform border or letterbox first (``framing.py``).
+#: A version-2 record reads as version 3 with ``frame="keep"``, which computes the same.
+PREPROCESS_VERSION = 3
 
 GEOMETRIES = ("squash", "center_crop")
+FRAMES = ("trim", "keep")
 EQUALIZATIONS = ("none", "hist", "clahe")
 INTERPOLATIONS = {"cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 
@@ -39,6 +43,8 @@ class PreprocessParams:
     prefilter_size: before the final cubic resize, shrink with area averaging to this
     square size, so a 2500 px upload is low-passed the way the 224 px training copies
     were instead of being aliased by a single cubic step. ``None`` disables it.
+    frame: ``trim`` cuts the film out of a uniform border or letterbox that an export
+    added (``framing.film_bounds``) before anything else; ``keep`` leaves it.
     """
 
     size: int = 64
@@ -46,6 +52,7 @@ class PreprocessParams:
     interpolation: str = "cubic"
     prefilter_size: int | None = 224
     equalize: str = "none"
+    frame: str = "trim"
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self):
@@ -53,6 +60,8 @@ class PreprocessParams:
             raise ValueError(f"unknown geometry {self.geometry!r}; expected one of {GEOMETRIES}")
         if self.equalize not in EQUALIZATIONS:
             raise ValueError(f"unknown equalization {self.equalize!r}; expected one of {EQUALIZATIONS}")
+        if self.frame not in FRAMES:
+            raise ValueError(f"unknown frame handling {self.frame!r}; expected one of {FRAMES}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
         if not isinstance(self.size, int) or not 8 <= self.size <= 1024:
@@ -71,6 +80,8 @@ class PreprocessParams:
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessParams:
         known = {f.name for f in fields(cls)}
+        if data.get("version") == 2 and "frame" not in data:
+            data = {**data, "frame": "keep", "version": 3}  # what version 2 computed
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown preprocessing parameters: {sorted(unknown)}")
@@ -98,6 +109,10 @@ def preprocess(
     height, width = gray.shape
     if min(height, width) < 2:
         raise InvalidImageError("The image is too small.")
+    if params.frame == "trim":
+        top, bottom, left, right = film_bounds(gray)
+        gray = gray[top:bottom, left:right]
+        height, width = gray.shape
     if params.geometry == "center_crop":
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2

@@ -22,7 +22,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from model import CLASS_NAMES, ImageError, PreprocessParams, preprocess
 from model.atomic import atomic_write
+from model.decode import decode_image
+from model.pixels import stretch, to_gray_float
 from model.settings import IMAGE_SUFFIXES
+
+from .processing import PROCESSING_VERSION, process, rng_for
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +44,23 @@ class Split:
     images: np.ndarray  # float32 (N, S, S)
     labels: np.ndarray  # int64 (N,), 1 = PNEUMONIA
     files: list[str]  # paths relative to the dataset folder
+    #: float32 (copies, N, S, S): each film under random site processing (``training/processing.py``), or None
+    processed: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Split:
-        return Split(self.images[index], self.labels[index], [self.files[i] for i in index])
+        processed = None if self.processed is None else self.processed[:, index]
+        return Split(self.images[index], self.labels[index], [self.files[i] for i in index], processed)
+
+    def with_processed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels): the films as they are, then every processed copy of them."""
+        if self.processed is None:
+            return self.images, self.labels
+        copies = len(self.processed)
+        images = np.concatenate([self.images, self.processed.reshape(-1, *self.images.shape[1:])])
+        return images, np.tile(self.labels, 1 + copies)
 
     def summary(self) -> dict:
         positives = int(self.labels.sum())
@@ -119,18 +134,21 @@ def load_split(
     workers: int = 2,
     limit: int | None = None,
     progress: bool = True,
+    processed: int = 0,
 ) -> Split:
     """Preprocess every image of a split, from the cache when it matches.
 
     Unreadable images are skipped with a warning that names them. ``limit`` keeps a
-    class-balanced prefix (for dry runs) and bypasses the cache.
+    class-balanced prefix (for dry runs) and bypasses the cache. ``processed``: also
+    that many copies of each film under random site processing (``Split.processed``).
     """
     root = Path(root)
     items = scan_split(root, split)
     if limit is not None:
         per_class = max(1, limit // 2)
         items = [it for label in (0, 1) for it in [i for i in items if i[1] == label][:per_class]]
-    return load_items(root, items, params, None if limit is not None else cache_dir, workers, split, progress)
+    return load_items(root, items, params, None if limit is not None else cache_dir, workers, split, progress,
+                      processed)
 
 
 def load_items(
@@ -141,37 +159,44 @@ def load_items(
     workers: int,
     name: str,
     progress: bool = True,
+    processed: int = 0,
 ) -> Split:
     """Preprocess (relative path, label) items of a folder, through the cache."""
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{name}-{_cache_key(root, items, params)}.npz"
+        key = _cache_key(root, items, params, processed)
+        cache_path = Path(cache_dir) / f"{name}{f'-processed{processed}' if processed else ''}-{key}.npz"
         if cache_path.is_file():
             try:
                 with np.load(cache_path) as data:
-                    return Split(data["images"], data["labels"], [str(f) for f in data["files"]])
+                    copies = data["processed"] if processed else None
+                    return Split(data["images"], data["labels"], [str(f) for f in data["files"]], copies)
             except (OSError, ValueError, KeyError):
                 log.warning("ignoring unreadable cache file %s", cache_path)
-    paths = [str(root / rel) for rel, _ in items]
-    results = _preprocess_files(paths, params, workers, desc=f"preprocess {name}" if progress else None)
-    images, labels, files = [], [], []
+    jobs = [(str(root / rel), rel, processed) for rel, _ in items]
+    results = _preprocess_files(jobs, params, workers, desc=f"preprocess {name}" if progress else None)
+    images, copies, labels, files = [], [], [], []
     for (rel, label), result in zip(items, results):
         if isinstance(result, str):
             log.warning("skipping %s: %s", rel, result)
             continue
-        images.append(result)
+        images.append(result[0])
+        copies.append(result[1])
         labels.append(label)
         files.append(rel)
     if not images:
         raise DatasetError(f"no readable images in {root / name}")
-    split_data = Split(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), files)
+    split_data = Split(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), files,
+                       np.stack(copies, axis=1).astype(np.float32) if processed else None)
     if cache_path is not None:
         _write_cache(cache_path, split_data)
     return split_data
 
 
-def _cache_key(root: Path, items: list[tuple[str, int]], params: PreprocessParams) -> str:
+def _cache_key(root: Path, items: list[tuple[str, int]], params: PreprocessParams, processed: int = 0) -> str:
     digest = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode())
+    if processed:
+        digest.update(f"processed {processed} {PROCESSING_VERSION}\n".encode())
     for rel, label in items:
         stat = (root / rel).stat()
         digest.update(f"{rel}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -179,17 +204,33 @@ def _cache_key(root: Path, items: list[tuple[str, int]], params: PreprocessParam
 
 
 def _write_cache(path: Path, split: Split) -> None:
+    extra = {} if split.processed is None else {"processed": split.processed}
     with atomic_write(path) as handle:
-        np.savez(handle, images=split.images, labels=split.labels, files=np.asarray(split.files))
+        np.savez(handle, images=split.images, labels=split.labels, files=np.asarray(split.files), **extra)
 
 
-def _preprocess_one(args: tuple[str, PreprocessParams]) -> np.ndarray | str:
-    path, params = args
+def _preprocess_one(args: tuple[tuple[str, str, int], PreprocessParams]) -> tuple[np.ndarray, list] | str:
+    """(model input, processed copies' inputs) of one file, or the reason it cannot be read."""
+    (path, name, processed), params = args
     try:
         with open(path, "rb") as handle:
-            return preprocess(handle.read(), params)
+            data = handle.read()
+        copies = []
+        if processed:
+            film = eight_bit(decode_image(data, min_side=params.decode_side))
+            copies = [preprocess(process(film, rng_for(name, 0, copy)), params) for copy in range(processed)]
+        return preprocess(data, params), copies
     except (ImageError, OSError) as exc:
         return str(exc)
+
+
+def eight_bit(film: np.ndarray) -> np.ndarray:
+    """A decoded film as 8-bit gray, the depth the processing works in."""
+    if film.ndim == 3:
+        film = to_gray_float(film)
+    if film.dtype == np.uint8:
+        return film
+    return np.round(stretch(film) * 255).astype(np.uint8)
 
 
 def _init_worker() -> None:
@@ -198,10 +239,10 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _preprocess_files(paths: list[str], params: PreprocessParams, workers: int, desc: str | None):
+def _preprocess_files(files: list[tuple[str, str, int]], params: PreprocessParams, workers: int, desc: str | None):
     from tqdm import tqdm
 
-    jobs = [(p, params) for p in paths]
+    jobs = [(f, params) for f in files]
     bar = dict(total=len(jobs), desc=desc, disable=desc is None, unit="img", leave=False)
     if workers <= 1 or len(jobs) < 64:
         return [_preprocess_one(job) for job in tqdm(jobs, **bar)]
@@ -234,7 +275,7 @@ class AdultFilms:
 
 
 def load_adult_films(root: str | os.PathLike, params: PreprocessParams, cache_dir, workers: int = 2,
-                     limit: int | None = None, progress: bool = True) -> AdultFilms:
+                     limit: int | None = None, progress: bool = True, processed: int = 0) -> AdultFilms:
     """Every film the manifest lists (view ``L`` is a lateral view; any other, an adult frontal film)."""
     root = Path(root)
     manifest = root / "manifest.csv"
@@ -249,5 +290,6 @@ def load_adult_films(root: str | os.PathLike, params: PreprocessParams, cache_di
     kind = {r["file"]: ADULT_KINDS["lateral" if r["view"].strip().upper() in ("L", "LL", "RL", "LATERAL") else "adult"]
             for r in rows}
     patient = {r["file"]: r["patient"] for r in rows}
-    films = load_items(root, sorted(kind.items()), params, None if limit else cache_dir, workers, "adult", progress)
+    films = load_items(root, sorted(kind.items()), params, None if limit else cache_dir, workers, "adult", progress,
+                       processed)
     return AdultFilms(films, np.array([patient[f] for f in films.files]))

@@ -53,6 +53,12 @@ class Recipe:
     consistency: float = option(0.1, "two augmented views of each film a batch and this weight on the squared "
                                      "difference of their logits (0: one view, no penalty): a diagnosis does not "
                                      "depend on how the film was framed or exposed", type=off_or_amount)
+    processed_copies: int = option(4, "copies of each training film under random site processing (local contrast "
+                                      "enhancement, equalisation, sharpening, curves, re-compression, noise, text; "
+                                      "training/processing.py), preprocessed once and cached")
+    processed_share: float = option(0.5, "share of the training views drawn from those copies (0: the films as they "
+                                         "are only): another hospital's processing changes no diagnosis",
+                                    type=number_from(0, 1.0000001, "a share from 0 to 1"))
     stn_lr_scale: float = option(0.1, "the spatial transformer's learning rate as a share of --lr (at the full rate "
                                       "its localisation net dies: one fixed warp for every film)")
     channels: tuple[int, ...] = option((16, 32, 64, 128), "the classifier's convolution widths, one block each")

@@ -3,6 +3,7 @@
     python -m training.store list [--json]
     python -m training.store promote VERSION [--force --reason TEXT]
     python -m training.store rollback
+    python -m training.store add FILE      # a checkpoint from training.train --out, as a candidate
 
 The guard re-evaluates the candidate and the serving model through ``Predictor`` on
 the test split and refuses a candidate that screens worse than the limits below,
@@ -20,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from model import CheckpointError, Predictor, PreprocessParams
+from model import CheckpointError, Predictor, PreprocessParams, load_checkpoint
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir, model_store_dir
 from model.store import ModelStore, StoreError
 
@@ -51,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     promote.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     promote.add_argument("--workers", type=int, default=2)
     commands.add_parser("rollback", help="serve the previously served version again")
+    add = commands.add_parser("add", help="add a checkpoint file (from training.train --out) as a candidate")
+    add.add_argument("checkpoint", type=Path)
     return parser
 
 
@@ -153,6 +156,14 @@ def cmd_rollback(store: ModelStore) -> int:
     return 0
 
 
+def cmd_add(store: ModelStore, path: Path) -> int:
+    checkpoint = load_checkpoint(path)
+    store.add(checkpoint, source=f"added from {path.name}")
+    print(f"version {checkpoint.version}\nNothing served has changed. To serve it: "
+          f"python -m training.store promote {checkpoint.version}")
+    return 0
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     store = ModelStore(args.store)
@@ -163,6 +174,8 @@ def main(args) -> int:
             return cmd_list(store, args.json)
         if args.command == "promote":
             return cmd_promote(store, args)
+        if args.command == "add":
+            return cmd_add(store, args.checkpoint)
         return cmd_rollback(store)
     except (StoreError, CheckpointError, DatasetError) as exc:
         log.error("%s", exc)

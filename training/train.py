@@ -89,6 +89,7 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
     order = torch.randperm(len(split), generator=generator)
     images = torch.from_numpy(split.images).unsqueeze(1)
     labels = torch.from_numpy(split.labels).float()
+    processed = None if split.processed is None or not recipe.processed_share else torch.from_numpy(split.processed)
     views, films = recipe.views, recipe.films_per_batch
     batches = [order[i : i + films] for i in range(0, len(order), films)]
     if recipe.dry_run:
@@ -97,8 +98,9 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
             continue
-        x = torch.cat([augment(images[index], generator, recipe.augment_strength, recipe.zoom_strength,
-                               recipe.bias_field) for _ in range(views)]).to(device)
+        x = torch.cat([augment(view_of(images, processed, index, recipe.processed_share, generator), generator,
+                               recipe.augment_strength, recipe.zoom_strength, recipe.bias_field)
+                       for _ in range(views)]).to(device)
         y = labels[index].repeat(views).to(device)
         logits = model(x)
         loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
@@ -114,6 +116,22 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
         bar.update(1)
         bar.set_postfix_str(f"loss {total / count:.4f}", refresh=False)
     return total / max(count, 1)
+
+
+def view_of(images: torch.Tensor, processed: torch.Tensor | None, index: torch.Tensor, share: float,
+            generator: torch.Generator) -> torch.Tensor:
+    """(n, 1, S, S): the films ``index`` as they are, each replaced by one of its processed copies
+    with probability ``share`` (each view draws on its own, so the consistency penalty compares
+    a film under two processings as well as two framings)."""
+    view = images[index]
+    if processed is None:
+        return view
+    swap = torch.rand(len(index), generator=generator) < share
+    copy = torch.randint(len(processed), (len(index),), generator=generator)
+    if swap.any():
+        view = view.clone()
+        view[swap, 0] = processed[copy[swap], index[swap]]
+    return view
 
 
 def learning_rate_schedule(optimizer, recipe: Recipe, steps_per_epoch: int):
@@ -183,13 +201,16 @@ def stn_spread(model: PneumoniaNet, val: Split, info: dict) -> dict:
 
 
 def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensitivity: float):
-    """Calibration and threshold from validation; the out-of-population gate from train (+ validation quantiles)."""
-    train_features = infer_batches(model, train.images).features
+    """Calibration and threshold from validation; the out-of-population gate from train (+ validation
+    quantiles), with the processed copies of both, so that a site's processing is not out of population."""
     val_out = infer_batches(model, val.images)
-    val_logits, val_features = val_out.logits, val_out.features
-    calibration = fit_temperature(val_logits, val.labels)
-    gate = fit_gate(train_features, train.labels, train.images, val_features, val.images)
-    threshold = threshold_for_sensitivity(val.labels, calibrate(val_logits, calibration), target_sensitivity)
+    calibration = fit_temperature(val_out.logits, val.labels)
+    threshold = threshold_for_sensitivity(val.labels, calibrate(val_out.logits, calibration), target_sensitivity)
+    train_images, train_labels = train.with_processed()
+    val_images, _ = val.with_processed()
+    train_features = infer_batches(model, train_images).features
+    val_features = infer_batches(model, val_images).features
+    gate = fit_gate(train_features, train_labels, train_images, val_features, val_images)
     return calibration, gate, threshold
 
 
@@ -198,13 +219,14 @@ def attach_population_gate(args, recipe: Recipe, checkpoint: Checkpoint, train: 
     """Attach the population head, fitted on adult films of 60% of their patients; None without them."""
     try:
         adult = load_adult_films(args.adult_data, params, args.cache_dir, args.workers,
-                                 limit=24 if recipe.dry_run else None)
+                                 limit=24 if recipe.dry_run else None, processed=recipe.processed_copies)
     except DatasetError as exc:
         log.warning("%s: this model gets no population gate, and the promotion guard will refuse it", exc)
         return None
     fit = ~adult.held_out()
+    adult_images, adult_kinds = adult.films.subset(np.flatnonzero(fit)).with_processed()
     checkpoint.population_gate = fit_population_head(
-        checkpoint.model, train.images, val.images, adult.films.images[fit], adult.films.labels[fit])
+        checkpoint.model, train.with_processed()[0], val.with_processed()[0], adult_images, adult_kinds)
     checkpoint.training_data["population_gate"] = {
         "kind": "head", "adult_films": str(Path(args.adult_data).resolve().name),
         "fitted_on_patients": int(len(np.unique(adult.patients[fit]))), "held_out_fraction": HELD_OUT_FRACTION}
@@ -252,7 +274,8 @@ def _run(args, recipe: Recipe, device, store: ModelStore | None) -> int:
     started = time.perf_counter()
     params = PreprocessParams(geometry=args.geometry, equalize=args.equalize)
     limit = 48 if recipe.dry_run else None
-    full = load_split(args.data, "train", params, args.cache_dir, args.workers, limit=limit)
+    full = load_split(args.data, "train", params, args.cache_dir, args.workers, limit=limit,
+                      processed=recipe.processed_copies)
     test = load_split(args.data, "test", params, args.cache_dir, args.workers, limit=limit)
     train_index, val_index = validation_split(full.files, full.labels, recipe.val_fraction, recipe.seed)
     train, val = full.subset(train_index), full.subset(val_index)
