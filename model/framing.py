@@ -30,7 +30,7 @@ def film_bounds(gray: np.ndarray) -> tuple[int, int, int, int]:
     ``gray``: a 2-D array of any numeric type. The whole array when it has no frame.
     """
     height, width = gray.shape
-    x = np.asarray(gray, dtype=np.float32)
+    x = np.asarray(gray)  # lines are converted to float only where they are looked at
     low, high = float(x.min()), float(x.max())
     if high - low < 1e-6:
         return 0, height, 0, width
@@ -57,9 +57,10 @@ def _flat_run(lines: np.ndarray, tolerance: float, limit: int) -> int:
     """How many of ``lines`` (rows of a 2-D array, the edge first) are flat at the edge line's value."""
     if len(lines) < 2 or limit < 1:
         return 0
-    value = np.median(lines[0])
-    if np.mean(np.abs(lines[0] - value) <= tolerance) < SHARE:
+    first = lines[0].astype(np.float32)
+    value = np.median(first)
+    if np.mean(np.abs(first - value) <= tolerance) < SHARE:
         return 0  # most films: no frame, and one line looked at
-    edge = lines[: min(limit, len(lines) - 1)]
+    edge = lines[: min(limit, len(lines) - 1)].astype(np.float32)
     flat = (np.abs(edge - value) <= tolerance).mean(axis=1) >= SHARE
     return int(np.argmin(flat)) if not flat.all() else len(flat)

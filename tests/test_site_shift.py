@@ -146,3 +146,11 @@ def test_a_store_serving_a_model_of_other_preprocessing_upgrades_to_the_bundled_
     last = store.read_pointer().history[-1]
     assert last["action"] == "upgrade" and old.version in last["reason"]
     assert "cannot serve with this code's preprocessing" in caplog.text
+
+
+def test_the_model_card_shows_the_site_shift_table(client):
+    html = client.get("/model").get_data(as_text=True)
+    assert 'id="site-shift-table"' in html
+    for row in ("black border, 5%", "CLAHE, clip 2, 8 x 8 tiles", "inverted polarity"):
+        assert f"<td>{row}</td>" in html
+    assert "bootstrap 95% intervals" in html
