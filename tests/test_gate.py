@@ -44,7 +44,8 @@ def test_a_photo_gets_a_reason_and_no_label_in_the_api_and_no_decision_on_the_pa
     assert "not an X-ray" in body["population_reasons"][0]["message"]
     html = uploads.form(photo).get_data(as_text=True)
     assert 'id="ood-warning"' in html and "not an X-ray" in html
-    assert 'id="decision"' not in html and "PNEUMONIA suspected" not in html and 'id="research-probability"' in html
+    assert 'id="decision"' not in html and "PNEUMONIA suspected" not in html and 'id="no-probability"' in html
+    assert f"{100 * body['probability']:.1f}%" not in html  # no number that reads as an answer
 
 
 def test_the_gate_distances_are_the_textbook_ones():

@@ -177,7 +177,8 @@ def test_a_flagged_film_has_no_decision_in_the_batch_table(uploads, pediatric_fi
     rows = html.split("<tr")[2:]
     assert "child.jpeg" in rows[0] and ("NORMAL" in rows[0] or "PNEUMONIA suspected" in rows[0])
     assert "photo.png" in rows[1] and 'class="outside"' in rows[1] and "no result" in rows[1]
-    assert "research only" in rows[1]
+    photo_probability = uploads.api(photo).get_json()["probability"]
+    assert f"{100 * photo_probability:.1f}%" not in rows[1] and "%" not in rows[1]  # no number on a refused row
 
 
 def test_old_checkpoints_without_a_population_gate_still_refuse_by_metadata(tmp_path, make_app):
@@ -263,3 +264,20 @@ def test_checkpoints_with_population_networks_still_load_and_refuse(tmp_path, ma
     assert isinstance(load_checkpoint(path).population_gate, PopulationGate)
     body = Uploads(make_app(CHECKPOINT_PATH=str(path)).test_client()).api(pediatric_film).get_json()
     assert body["label"] is None and [r["check"] for r in body["population_reasons"]] == ["image"]
+
+
+def test_a_refused_adult_film_shows_no_probability_on_the_page_or_in_the_batch(uploads, real_adult_data):
+    """A number beside a refusal reads as the answer: the pages show none (the API keeps it for research)."""
+    frontal = sorted((real_adult_data / "frontal").iterdir())
+    body, film = None, None
+    for path in frontal:  # the first adult film the gate refuses
+        film = path.read_bytes()
+        body = uploads.api(film, path.name).get_json()
+        if body.get("in_distribution") is False:
+            break
+    assert body["in_distribution"] is False and 0 <= body["probability"] <= 1
+    number = f"{100 * body['probability']:.1f}%"
+    page = uploads.form(film).get_data(as_text=True)
+    assert 'id="ood-warning"' in page and number not in page and 'id="probability"' not in page
+    rows = uploads.batch_form([(film, "adult.jpeg")]).get_data(as_text=True).split("<tr")[2:]
+    assert 'class="outside"' in rows[0] and "%" not in rows[0]
