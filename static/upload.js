@@ -28,8 +28,14 @@
       showChosen();
     }
   });
+  var idleText = button.textContent;
   form.addEventListener("submit", function () {
     button.disabled = true;
     button.textContent = "Analysing…";
+  });
+  // Back from a result restores this page as it was left (the back/forward cache): busy.
+  window.addEventListener("pageshow", function () {
+    button.disabled = false;
+    button.textContent = idleText;
   });
 })();

@@ -78,6 +78,10 @@ def test_upload_a_real_xray_through_the_form(browser, live_server, real_data):
     assert [img.get_property("naturalWidth") for img in images] == [64, 64, 64]
     assert resource_origins(browser) == {live_server}
     assert severe_console_messages(browser) == []
+    browser.back()  # the upload page again, as the history (or the back/forward cache) kept it
+    button = WebDriverWait(browser, 10).until(EC.presence_of_element_located((By.ID, "submit")))
+    WebDriverWait(browser, 10).until(lambda _: button.is_enabled())
+    assert button.text != "Analysing…"
 
 
 def test_pages_load_nothing_from_another_origin(browser, live_server):
