@@ -213,8 +213,9 @@ def read_film(path: Path) -> np.ndarray:
     return film
 
 
-def _inputs_for(args: tuple[str, tuple, list[str]]) -> np.ndarray:
-    """(path, params, change names) -> (changes, S, S) model inputs of one film (a worker's task)."""
+def _inputs_for(args: tuple[str, tuple, list[str]]) -> tuple[str, np.ndarray]:
+    """(path, params, change names) -> (pixel hash, (changes, S, S) model inputs) of one film:
+    a worker's task, which reads the film once for both."""
     path, params, names = args
     film = read_film(Path(path))
     out = []
@@ -223,29 +224,16 @@ def _inputs_for(args: tuple[str, tuple, list[str]]) -> np.ndarray:
             out.append(preprocess(CHANGES[name](film), params))
         except ImageError:  # a change the product would refuse to read: a blank input stands for it
             out.append(np.zeros((params.size, params.size), np.float32))
-    return np.stack(out)
-
-
-def pixel_hash(path: Path) -> str:
-    return hashlib.sha256(read_film(path).tobytes()).hexdigest()
+    return hashlib.sha256(film.tobytes()).hexdigest(), np.stack(out)
 
 
 def films_of(split: str, checkpoint, data: Path, cache_dir: Path) -> tuple[list[Path], np.ndarray]:
-    """(paths, labels) of a split, exact duplicates (same pixels) counted once."""
+    """(paths, labels) of a split (``model_inputs`` counts exact duplicates once)."""
     if split == "validation":
         _, val, _ = checkpoint_splits(checkpoint.training_data, data, checkpoint.preprocess, cache_dir, progress=False)
-        items = [(data / f, int(label)) for f, label in zip(val.files, val.labels)]
-    else:
-        items = [(data / f, label) for f, label in scan_split(data, split)]
-    seen, kept = set(), []
-    for path, label in items:
-        digest = pixel_hash(path)
-        if digest not in seen:
-            seen.add(digest)
-            kept.append((path, label))
-    if len(kept) < len(items):
-        log.info("%d exact duplicate images in %s counted once", len(items) - len(kept), split)
-    return [p for p, _ in kept], np.array([label for _, label in kept])
+        return [data / f for f in val.files], np.asarray(val.labels)
+    items = scan_split(data, split)
+    return [data / f for f, _ in items], np.array([label for _, label in items])
 
 
 def adult_films(checkpoint, root: Path, cache_dir: Path) -> tuple[list[Path], np.ndarray]:
@@ -265,12 +253,19 @@ def refusals(predictor: Predictor, inputs: np.ndarray, kinds: np.ndarray, names:
     return rows
 
 
-def model_inputs(paths: list[Path], params, names: list[str], workers: int) -> np.ndarray:
-    """(changes, films, S, S): every film under every change."""
+def model_inputs(paths: list[Path], params, names: list[str], workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs (changes, films, S, S), kept (films,)): every film under every change, and which
+    films to count: the first of each set of exact duplicates (the same pixels)."""
     tasks = [(str(p), params, names) for p in paths]
     with ProcessPoolExecutor(workers) as pool:
         per_film = list(pool.map(_inputs_for, tasks, chunksize=8))
-    return np.stack(per_film, axis=1)
+    seen, kept = set(), []
+    for digest, _ in per_film:
+        kept.append(digest not in seen)
+        seen.add(digest)
+    if not all(kept):
+        log.info("%d exact duplicate images counted once", len(kept) - sum(kept))
+    return np.stack([inputs for _, inputs in per_film], axis=1), np.array(kept)
 
 
 def bootstrap(labels: np.ndarray, scores: np.ndarray, decided: np.ndarray, draws: int = 1000,
@@ -362,7 +357,8 @@ def main(args) -> int:
         log.error("%s", exc)
         return 2
     predictor = Predictor(checkpoint)
-    inputs = model_inputs(paths, checkpoint.preprocess, names, args.workers)
+    inputs, kept = model_inputs(paths, checkpoint.preprocess, names, args.workers)
+    inputs, labels = inputs[:, kept], labels[kept]
     if args.split == "adults":
         rows = refusals(predictor, inputs, labels, names)
         counts = rows["as is"]["films"]
