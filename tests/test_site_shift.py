@@ -60,7 +60,7 @@ def test_processed_copies_are_made_once_cached_and_follow_a_subset(tiny_dataset,
     np.testing.assert_array_equal(again.processed, split.processed)  # from the cache, the same draws
     part = split.subset(np.array([3, 1]))
     np.testing.assert_array_equal(part.processed[1, 0], split.processed[1, 3])
-    images, labels = part.with_processed()
+    images, labels = part.with_processed
     assert images.shape[0] == 6 and list(labels) == list(part.labels) * 3
 
 

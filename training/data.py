@@ -15,6 +15,7 @@ import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,10 @@ class Split:
         processed = None if self.processed is None else self.processed[:, index]
         return Split(self.images[index], self.labels[index], [self.files[i] for i in index], processed)
 
+    @cached_property
     def with_processed(self) -> tuple[np.ndarray, np.ndarray]:
-        """(images, labels): the films as they are, then every processed copy of them."""
+        """(images, labels): the films as they are, then every processed copy of them; made once,
+        as the feature gate and the population head both fit on it."""
         if self.processed is None:
             return self.images, self.labels
         copies = len(self.processed)

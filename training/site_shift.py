@@ -32,7 +32,7 @@ from model import CheckpointError, ImageError, Predictor, load_checkpoint, prepr
 from model.decode import decode_image
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
 
-from .data import DatasetError, checkpoint_splits, load_adult_films, scan_split
+from .data import DatasetError, checkpoint_splits, eight_bit, load_adult_films, scan_split
 from .metrics import roc_auc
 
 log = logging.getLogger("training")
@@ -207,10 +207,7 @@ CHANGES: dict[str, Change] = {
 
 def read_film(path: Path) -> np.ndarray:
     """The film's gray pixels at full size, 8-bit, as the dataset holds them."""
-    film = decode_image(path.read_bytes())
-    if film.dtype != np.uint8:
-        film = np.round(255 * (film - film.min()) / max(float(np.ptp(film)), 1e-6)).astype(np.uint8)
-    return film
+    return eight_bit(decode_image(path.read_bytes()))
 
 
 def _inputs_for(args: tuple[str, tuple, list[str]]) -> tuple[str, np.ndarray]:

@@ -206,8 +206,8 @@ def fit_operating_point(model: Ensemble, train: Split, val: Split, target_sensit
     val_out = infer_batches(model, val.images)
     calibration = fit_temperature(val_out.logits, val.labels)
     threshold = threshold_for_sensitivity(val.labels, calibrate(val_out.logits, calibration), target_sensitivity)
-    train_images, train_labels = train.with_processed()
-    val_images, _ = val.with_processed()
+    train_images, train_labels = train.with_processed
+    val_images, _ = val.with_processed
     train_features = infer_batches(model, train_images).features
     val_features = infer_batches(model, val_images).features
     gate = fit_gate(train_features, train_labels, train_images, val_features, val_images)
@@ -224,9 +224,9 @@ def attach_population_gate(args, recipe: Recipe, checkpoint: Checkpoint, train: 
         log.warning("%s: this model gets no population gate, and the promotion guard will refuse it", exc)
         return None
     fit = ~adult.held_out()
-    adult_images, adult_kinds = adult.films.subset(np.flatnonzero(fit)).with_processed()
+    adult_images, adult_kinds = adult.films.subset(np.flatnonzero(fit)).with_processed
     checkpoint.population_gate = fit_population_head(
-        checkpoint.model, train.with_processed()[0], val.with_processed()[0], adult_images, adult_kinds)
+        checkpoint.model, train.with_processed[0], val.with_processed[0], adult_images, adult_kinds)
     checkpoint.training_data["population_gate"] = {
         "kind": "head", "adult_films": str(Path(args.adult_data).resolve().name),
         "fitted_on_patients": int(len(np.unique(adult.patients[fit]))), "held_out_fraction": HELD_OUT_FRACTION}
