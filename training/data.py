@@ -217,12 +217,12 @@ def _preprocess_one(args: tuple[tuple[str, str, int], PreprocessParams]) -> tupl
     (path, name, processed), params = args
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            pixels = decode_image(handle.read(), min_side=params.decode_side)  # as preprocess decodes bytes
         copies = []
         if processed:
-            film = eight_bit(decode_image(data, min_side=params.decode_side))
+            film = eight_bit(pixels)
             copies = [preprocess(process(film, rng_for(name, 0, copy)), params) for copy in range(processed)]
-        return preprocess(data, params), copies
+        return preprocess(pixels, params), copies
     except (ImageError, OSError) as exc:
         return str(exc)
 
