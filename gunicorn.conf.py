@@ -24,6 +24,9 @@ max_requests_jitter = max_requests // 10
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 # No query strings or bodies in the access log: they may carry patient data.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
+# gunicorn's control socket sits at one path per user, shared by every instance on the
+# host; nothing here uses it.
+control_socket_disable = True
 TORCH_THREADS = int(os.environ.get("TORCH_THREADS", "1"))
 
 

@@ -10,6 +10,11 @@ import os
 from model.settings import MAX_IMAGE_PIXELS, data_dir, model_store_dir
 
 
+def request_budget_s() -> float:
+    """Seconds a request may spend reading files (``REQUEST_BUDGET_S``); read by gunicorn.conf.py too."""
+    return float(os.environ.get("REQUEST_BUDGET_S", "20"))
+
+
 def from_environment() -> dict:
     """Flask config keys read from the environment (or defaults)."""
     env = os.environ
@@ -21,6 +26,11 @@ def from_environment() -> dict:
         "MAX_CONTENT_LENGTH": int(float(env.get("MAX_UPLOAD_MB", "20")) * 1024 * 1024),
         "MAX_IMAGE_PIXELS": int(float(env.get("MAX_IMAGE_MEGAPIXELS", MAX_IMAGE_PIXELS / 1e6)) * 1_000_000),
         "MAX_BATCH_FILES": int(env.get("MAX_BATCH_FILES", "20")),
+        # What one request may spend reading its files (a batch's files together); gunicorn's
+        # graceful shutdown waits longer than REQUEST_BUDGET_S (gunicorn.conf.py).
+        "MAX_REQUEST_PIXELS": int(float(env.get("MAX_REQUEST_MEGAPIXELS", "120")) * 1_000_000),
+        "REQUEST_BUDGET_S": request_budget_s(),
         "SECRET_KEY": env.get("SECRET_KEY"),
+        "SESSION_COOKIE_SAMESITE": "Lax",  # and Secure whenever the request came over HTTPS (security.py)
         "WTF_CSRF_TIME_LIMIT": None,  # a clinician may leave the upload page open all shift
     }

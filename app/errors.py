@@ -10,7 +10,7 @@ from flask import Flask, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from model import ImageError, ImageTooLargeError, UnsupportedImageError
+from model import ImageError, ImageTooLargeError, UnreadableFileError, UnsupportedImageError
 
 log = logging.getLogger("app")
 
@@ -32,6 +32,8 @@ def error_response(message: str, status: int):
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ImageError)
     def _image_error(error: ImageError):
+        if isinstance(error, UnreadableFileError):
+            log.warning("%s %s: the upload could not be read (%s)", request.method, request.path, error.cause)
         return error_response(str(error), status_for(error))
 
     @app.errorhandler(CSRFError)

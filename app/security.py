@@ -25,6 +25,11 @@ class SessionCookies(SecureCookieSessionInterface):
             self._signer = (keys, signer)  # one assignment: threads see the old pair or the new
         return signer
 
+    def get_cookie_secure(self, app: Flask) -> bool:
+        """Secure when configured, and whenever this request came over HTTPS (behind a proxy
+        that terminates TLS, gunicorn reads the scheme from X-Forwarded-Proto)."""
+        return bool(app.config["SESSION_COOKIE_SECURE"] or request.is_secure)
+
 
 def content_security_policy(script_nonce: str | None = None, inline_styles: bool = False) -> str:
     """Everything from this origin, nothing from anywhere else.

@@ -163,7 +163,8 @@ def neighbour_index(version: str | None = None) -> tuple[NeighbourIndex | None, 
     try:
         stamp = path.stat().st_mtime_ns
     except OSError:
-        return None, f"no dataset map at {path}: run python -m training.tsne"
+        log.warning("no dataset map at %s", path)  # the path is for the admin's log, not for users
+        return None, f"there is no dataset map for model {version}: an admin makes it with python -m training.tsne"
     index, problem = _index(str(path), stamp)
     if index is not None and index.version != version:
         return None, (f"the dataset map was made with model {index.version}, not the serving {version}: "

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 
-from flask import Request
+from flask import Request, current_app, request
 from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from model import ImageError, Predictor
+from model import ImageError, Predictor, RequestBudget, UnreadableFileError
+
+log = logging.getLogger("app")
 
 
 class InMemoryRequest(Request):
@@ -38,6 +42,9 @@ def read_single_upload(request: Request, field: str = "image") -> bytes:
     Content-Type is an image type (``RAW_TYPES``): the same limits apply to both."""
     if request.mimetype in RAW_TYPES:
         data = request.get_data(cache=False)
+        if request.max_content_length is not None and len(data) >= request.max_content_length:
+            # A body sent chunked has no length to refuse up front: werkzeug stops reading at the limit.
+            raise RequestEntityTooLarge()
         if not data:
             raise UploadError("The request body is empty: send the image itself as the body.")
         return data
@@ -61,13 +68,16 @@ def form_value(request: Request, field: str) -> str | None:
 
 
 def read_batch_upload(request: Request, limit: int, field: str = "images") -> list[tuple[str, bytes]]:
-    """(display name, bytes) of every file in ``field``; empty files stay in, to be refused per row."""
-    files = [f for f in request.files.getlist(field) if f.filename or f.content_length]
+    """(display name, bytes) of every file in ``field``: a part without a name is a row too,
+    and an empty file stays in, to be refused in its row. Only a part with neither (what a
+    browser sends for a file input left empty) is no file."""
+    files = [(f.filename, f.read()) for f in request.files.getlist(field)]
+    files = [(name, data) for name, data in files if name or data]
     if not files:
         raise UploadError(f"No files were uploaded: send one or more images in the form field '{field}'.")
     if len(files) > limit:
         raise UploadError(f"{len(files)} files were uploaded; a batch holds at most {limit}.")
-    return [(display_name(f.filename, i), f.read()) for i, f in enumerate(files, 1)]
+    return [(display_name(name, i), data) for i, (name, data) in enumerate(files, 1)]
 
 
 def display_name(filename: str | None, position: int) -> str:
@@ -95,8 +105,19 @@ def read_age(request: Request, field: str = "age_years") -> float | None:
 def predict_each(predictor: Predictor, files: list[tuple[str, bytes]], age_years: float | None = None) -> list[dict]:
     """One row per file: ``{"name", "prediction"}`` or, for a refused file, ``{"name", "error"}``.
 
-    The films go through the network in one batch (``Predictor.predict_files``).
+    The films go through the network in one batch (``Predictor.predict_files``), within
+    the request's budget of pixels and seconds: a file it cannot pay for is refused in its row.
     """
-    results = predictor.predict_files([data for _, data in files], age_years)
+    config = current_app.config
+    budget = RequestBudget(config["MAX_REQUEST_PIXELS"], config["REQUEST_BUDGET_S"])
+    results = predictor.predict_files([data for _, data in files], age_years, budget)
+    for position, result in enumerate(results, 1):
+        if isinstance(result, UnreadableFileError):
+            log_unreadable(result, f"file {position}")
     return [{"name": name, "error": result} if isinstance(result, ImageError) else {"name": name, "prediction": result}
             for (name, _), result in zip(files, results)]
+
+
+def log_unreadable(error: UnreadableFileError, which: str = "the file") -> None:
+    """The request and the reader's failure class: never the file's name or bytes."""
+    log.warning("%s %s: %s could not be read (%s)", request.method, request.path, which, error.cause)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,21 +25,56 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 import cv2  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
-from .dicom import decode_dicom  # noqa: E402
+from .dicom import decode_dicom, is_dicom  # noqa: E402
 from .errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError  # noqa: E402
 from .film_facts import NO_FACTS, FilmFacts  # noqa: E402
 from .pixels import stretch  # noqa: E402
 
 
+class RequestBudget:
+    """What one request may spend on reading its files: decoded pixels across all of them,
+    and wall-clock time. A batch's files draw on it from the threads that decode them; a
+    file past either limit is refused on its own, and the files read before it stand.
+
+    The time is checked before each file is read, so a request ends within the budget and
+    one file's decoding (at most ``max_pixels`` of one film) after it.
+    """
+
+    def __init__(self, max_pixels: int, seconds: float):
+        self.max_pixels, self.seconds = max_pixels, seconds
+        self._deadline = time.monotonic() + seconds
+        self._spent = 0
+        self._lock = threading.Lock()
+
+    def spend(self, pixels: int) -> None:
+        with self._lock:
+            if self._spent + pixels > self.max_pixels:
+                raise ImageTooLargeError(
+                    f"Reading this file would take the request past its budget of {self.max_pixels / 1e6:g} "
+                    "megapixels across its files; send it in another request.")
+            self._spent += pixels
+
+    def check_time(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise ImageTooLargeError(f"The request used up its {self.seconds:g} s before this file was read; "
+                                     "send it in another request.")
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What we refuse before spending memory on a file."""
+    """What we refuse before spending memory on a file; ``budget``, what one request may spend in all."""
 
     max_pixels: int = MAX_IMAGE_PIXELS
     min_side: int = 64
     max_aspect: float = 4.0
+    budget: RequestBudget | None = None
 
     def check(self, width: int, height: int) -> None:
+        self.check_film(width, height)
+        if self.budget is not None:
+            self.budget.spend(width * height)
+
+    def check_film(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
             raise ImageTooLargeError(self.too_many_pixels(width * height))
         if min(width, height) < self.min_side:
@@ -54,10 +91,6 @@ class DecodeLimits:
     def too_many_pixels(self, pixels: int | None) -> str:
         size = f" ({pixels / 1e6:.0f} megapixels)" if pixels else ""
         return f"The image is too large{size}; the limit is {self.max_pixels / 1e6:.0f} megapixels."
-
-
-def is_dicom(data: bytes) -> bool:
-    return data[128:132] == b"DICM"
 
 
 class Film(NamedTuple):
@@ -84,7 +117,7 @@ def decode_film(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side: in
     if not data:
         raise InvalidImageError("The file is empty.")
     if is_dicom(data):
-        return Film(*decode_dicom(data, limits.check))
+        return Film(*decode_dicom(data, limits.check, limits.max_pixels))
     return Film(_decode_pixels(data, limits, min_side), NO_FACTS)
 
 

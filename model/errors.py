@@ -19,3 +19,15 @@ class InvalidImageError(ImageError):
 
 class ImageTooLargeError(ImageError):
     """More pixels than the configured limit: a decompression bomb or a scan (HTTP 413)."""
+
+
+class UnreadableFileError(InvalidImageError):
+    """A reader failed on a malformed file in a way of its own (HTTP 400).
+
+    ``cause`` names the failure's class for the server's log: never the file's bytes,
+    which a traceback's message could carry.
+    """
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause

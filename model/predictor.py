@@ -6,6 +6,7 @@ they all see the same preprocessing, calibration, gate and threshold.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ import torch
 
 from .checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
 from .coalesce import Coalescer
-from .decode import DecodeLimits, decode_film
-from .errors import ImageError, InvalidImageError
+from .decode import DecodeLimits, RequestBudget, decode_film
+from .errors import ImageError, ImageTooLargeError, InvalidImageError, UnreadableFileError
 from .film_facts import NO_FACTS, FilmFacts
 from .intended_use import IMAGE_MESSAGES, Reason, format_years, metadata_reasons, polarity
 from .network import Inference
@@ -167,11 +168,14 @@ class Predictor:
         batch = self.predict_many(inputs)
         return [self._assemble(batch, row, inputs[row], facts, age) for row, (_, facts, age) in enumerate(items)]
 
-    def predict_files(self, files: list[bytes], age_years: float | None = None) -> list[Prediction | ImageError]:
+    def predict_files(self, files: list[bytes], age_years: float | None = None,
+                      budget: RequestBudget | None = None) -> list[Prediction | ImageError]:
         """Several uploads: decoded two at a time (the decoders release the GIL), then one
-        batched forward pass. A file that cannot be read gets its ``ImageError`` in its place."""
+        batched forward pass. A file that cannot be read, or that the request's ``budget``
+        cannot pay for, gets its ``ImageError`` in its place."""
+        limits = self.limits if budget is None else dataclasses.replace(self.limits, budget=budget)
         with ThreadPoolExecutor(max_workers=2) as pool:
-            prepared = list(pool.map(lambda data: self._try_prepare(data, age_years), files))
+            prepared = list(pool.map(lambda data: self._try_prepare(data, age_years, limits), files))
         ready = [i for i, item in enumerate(prepared) if not isinstance(item, ImageError)]
         results: list[Prediction | ImageError] = list(prepared)
         if ready:
@@ -181,17 +185,34 @@ class Predictor:
                 results[i] = self._assemble(batch, row, inputs[row], prepared[i][1], age_years)
         return results
 
-    def _try_prepare(self, data: bytes, age_years: float | None):
+    def _try_prepare(self, data: bytes, age_years: float | None, limits: DecodeLimits):
         try:
-            return self._prepare(data, age_years)
+            if limits.budget is not None:
+                limits.budget.check_time()
+            return self._prepare(data, age_years, limits)
         except ImageError as error:
             return error
 
-    def _prepare(self, image: bytes | np.ndarray, age_years: float | None) -> tuple[np.ndarray, FilmFacts]:
+    def _prepare(self, image: bytes | np.ndarray, age_years: float | None,
+                 limits: DecodeLimits | None = None) -> tuple[np.ndarray, FilmFacts]:
+        """Decode, check the ages agree, preprocess. Whatever a reader raises on a malformed
+        file becomes that file's ``ImageError``: one bad upload never fails a request."""
+        try:
+            return self._read(image, age_years, limits or self.limits)
+        except ImageError:
+            raise
+        except MemoryError:
+            raise ImageTooLargeError("The image needs more memory to read than the server can give it.") from None
+        except Exception as exc:  # a decoder's own failure on a file it half understands
+            raise UnreadableFileError("The file could not be read: it is corrupt or malformed.",
+                                      type(exc).__name__) from None
+
+    def _read(self, image: bytes | np.ndarray, age_years: float | None,
+              limits: DecodeLimits) -> tuple[np.ndarray, FilmFacts]:
         """Decode (a JPEG at reduced scale), check the ages agree, preprocess."""
         facts = NO_FACTS
         if isinstance(image, (bytes, bytearray, memoryview)):
-            image, facts = decode_film(bytes(image), self.limits, self.checkpoint.preprocess.decode_side)
+            image, facts = decode_film(bytes(image), limits, self.checkpoint.preprocess.decode_side)
         if age_years is not None and facts.age_years is not None and abs(age_years - facts.age_years) > 1:
             raise InvalidImageError(
                 f"The age entered ({format_years(age_years)}) and the DICOM header's age "

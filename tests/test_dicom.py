@@ -1,12 +1,15 @@
+import io
 import logging
 import re
+import tracemalloc
 
 import numpy as np
+import pydicom
 import pytest
 
-from harness.dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
+from harness.dicom_files import PATIENT_ID, PATIENT_NAME, deflate_bomb, make_dicom, twelve_bit
 from harness.images import encode, synthetic_xray
-from model import InvalidImageError, decode_image, preprocess
+from model import ImageTooLargeError, InvalidImageError, decode_image, preprocess
 
 XRAY = synthetic_xray(320, 280)
 
@@ -46,6 +49,34 @@ def test_rle_compressed_dicom_decodes():
 def test_refusals(kwargs, words):
     with pytest.raises(InvalidImageError, match=words):
         decode_image(make_dicom(twelve_bit(XRAY), **kwargs))
+
+
+def test_deflated_and_preambleless_files_read_as_the_plain_file():
+    plain = decode_image(make_dicom(twelve_bit(XRAY)))
+    for kwargs in ({"deflate": True}, {"preamble": False}, {"deflate": True, "preamble": False}):
+        np.testing.assert_array_equal(decode_image(make_dicom(twelve_bit(XRAY), **kwargs)), plain)
+
+
+def test_a_deflate_bomb_is_refused_before_it_inflates():
+    bomb = deflate_bomb(3)  # about 3 GB inflated
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match="inflates to more than 77 MB"):
+            decode_image(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 300 * 2**20, f"{peak / 2**20:.0f} MB allocated"
+
+
+@pytest.mark.parametrize("samples, bits", [(94, 16), (1, 32), (1, 15120)])
+def test_implausible_sample_layouts_are_refused_before_the_pixels(samples, bits):
+    dataset = pydicom.dcmread(io.BytesIO(make_dicom(twelve_bit(XRAY))))
+    dataset.SamplesPerPixel, dataset.BitsAllocated = samples, bits
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    with pytest.raises(InvalidImageError, match="a radiograph has one sample"):
+        decode_image(buffer.getvalue())
 
 
 def test_truncated_dicom_is_refused():

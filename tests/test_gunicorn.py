@@ -13,9 +13,10 @@ from training import train
 pytestmark = pytest.mark.slow
 
 
-def test_gunicorn_serves_predictions():
+def test_gunicorn_serves_predictions(tmp_path):
     xray = encode(synthetic_xray(500, 400), ".jpg")
-    with gunicorn(workers=1) as (base, _):
+    home = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path)}  # where gunicorn puts its control socket
+    with gunicorn(workers=1, env=home) as (base, _):
         status, body = post_image(base, xray)
         assert status == 200
         assert 0 <= body["probability"] <= 1
@@ -24,6 +25,7 @@ def test_gunicorn_serves_predictions():
         assert status == 415 and "error" in body
         status, body = post_image(base, xray)  # still serving after a refusal
         assert status == 200
+        assert list(tmp_path.rglob("*.ctl")) == []  # no control socket shared by every instance on the host
 
 
 def test_concurrent_requests_in_one_worker_each_get_their_own_answer():
