@@ -157,8 +157,14 @@ def aligned_films(predictor, dataset_dir: str) -> list[dict] | None:
 
 @bp.get("/healthz")
 def healthz():
+    """200 "ok"; 200 "degraded" with the ``problem`` while a working model serves in place of
+    the one the store's pointer names (answers stay right; an admin has work); 503 when no
+    model gives an answer."""
     predictor = get_predictor()
     loaded = predictor.works
-    body = {"status": "ok" if loaded else "unavailable", "model_loaded": loaded,
-            "model_version": predictor.version}
+    problem = current_app.extensions["model"].problem
+    status = "unavailable" if not loaded else "degraded" if problem else "ok"
+    body = {"status": status, "model_loaded": loaded, "model_version": predictor.version}
+    if problem:
+        body["problem"] = problem
     return jsonify(body), 200 if loaded else 503

@@ -10,7 +10,9 @@ on with the old one, then swaps with one assignment. A forked worker (gunicorn
 recycles workers from the preloaded master) catches up before its first answer and
 starts its own watcher. A version that cannot be loaded, or whose preprocessing
 differs from this code's, never replaces a working model: the worker keeps what it
-has and logs one line.
+has, logs one line, says so in ``/healthz`` (``problem``) and asks again every second
+until the pointer is repaired. A store whose pointer cannot be read at start-up serves
+the bundled model the same way, degraded, rather than not at all.
 """
 from __future__ import annotations
 
@@ -45,12 +47,23 @@ class ServedModel:
         self._stamp = stamp  # the pointer's stamp when ``predictor`` was read from it
         self._watching_pid: int | None = None  # the process whose watcher thread runs
         self._start = threading.Lock()
+        #: Why this process does not serve what the store's pointer names (None when it does):
+        #: for /healthz, so in words without server paths.
+        self.problem: str | None = None
 
     @classmethod
     def from_store(cls, store: ModelStore, limits: DecodeLimits) -> ServedModel:
         """Start-up: the serving version must load (``CheckpointError``/``StoreError`` otherwise)."""
         stamp = store.pointer_stamp()  # before loading: a promotion meanwhile is caught by the first refresh
         return cls(_load(store, store.serving_version(), limits), store, limits, stamp)
+
+    @classmethod
+    def degraded(cls, store: ModelStore, limits: DecodeLimits, error: Exception) -> ServedModel:
+        """Start-up with a pointer that cannot be read, or that names a version that cannot
+        serve: the bundled model serves, said to be a stand-in, until the pointer is repaired."""
+        served = cls(Predictor.from_path(DEFAULT_CHECKPOINT, limits), store, limits, stamp=None)
+        served._fail(error)
+        return served
 
     def current(self) -> Predictor:
         """The predictor to use now; the first call in a process catches up and starts watching."""
@@ -63,9 +76,10 @@ class ServedModel:
         return self.predictor
 
     def refresh(self) -> None:
-        """Serve the store's pointer if it has moved; a version that cannot serve is logged and skipped."""
+        """Serve the store's pointer if it has moved, or if it could not be served last time;
+        a pointer or version that cannot serve is logged once and asked again next time."""
         stamp = self.store.pointer_stamp()
-        if stamp == self._stamp:
+        if stamp == self._stamp and self.problem is None:
             return
         old = self.predictor.version
         try:
@@ -74,8 +88,22 @@ class ServedModel:
                 self.predictor = _load(self.store, version, self.limits)  # one assignment: requests see old or new
                 log.info("now serving model %s (was %s)", version, old)
         except (CheckpointError, StoreError) as exc:
-            log.error("keeping model %s: %s", old, exc)
-        self._stamp = stamp  # a broken pointer or version is not retried until it changes
+            self._fail(exc)
+            return
+        if self.problem is not None:
+            log.info("the model store's pointer serves again: model %s", version)
+            self.problem = None
+        self._stamp = stamp
+
+    def _fail(self, error: Exception) -> None:
+        if isinstance(error, StoreError):
+            problem = "the model store's pointer cannot be read"
+        else:
+            problem = "the version the model store's pointer names cannot be loaded"
+        problem += f"; serving {self.predictor.version} until an admin runs python -m training.store repair"
+        if problem != self.problem:
+            log.error("keeping model %s: %s", self.predictor.version, error)
+        self.problem = problem
 
     def _watch(self) -> None:
         while True:
@@ -104,12 +132,18 @@ def init_app(app: Flask) -> None:
             log.error("model %s gives no finite probability: /healthz reports it unavailable", predictor.version)
     else:
         store = ModelStore(app.config["MODEL_STORE"])
-        if store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT):
-            log.info("seeded the model store %s with the bundled model", store.root)
         try:
-            served = ServedModel.from_store(store, limits)
-        except PreprocessMismatch as exc:
-            served = ServedModel.from_store(upgraded(store, exc), limits)
+            if store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT):
+                log.info("seeded the model store %s with the bundled model", store.root)
+        except StoreError as exc:  # a read-only store serves what it holds
+            log.warning("could not add the bundled model to the store: %s", exc)
+        try:
+            try:
+                served = ServedModel.from_store(store, limits)
+            except PreprocessMismatch as exc:
+                served = ServedModel.from_store(upgraded(store, exc), limits)
+        except (CheckpointError, StoreError) as exc:
+            served = ServedModel.degraded(store, limits, exc)
         source = f"the model store {store.root}"
     app.extensions["model"] = served
     with app.app_context():  # load the nearest-film index now, not on the first request

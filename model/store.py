@@ -1,18 +1,20 @@
 """The model store: immutable versioned checkpoints and one pointer naming the serving one.
 
     STORE/versions/<version>.pt          the checkpoint, never rewritten
-    STORE/versions/<version>.json        its summary (dates, figures, dry run), for listing
+    STORE/versions/<version>.json        its summary (dates, figures, dry run, the file's sha256)
     STORE/versions/<version>.tsne.npz    the t-SNE map made with that version, if any
     STORE/serving.json                   {"serving": version, "history": [...]}, written atomically
+    STORE/serving.backup.json            the same, written after it: what ``repair`` restores from
 
-Training adds candidates; only a promotion or a rollback moves the pointer, under a
-lock, with one atomic rename: a crash at any point leaves the old model serving.
+Training adds candidates; only a promotion, a rollback or a repair moves the pointer,
+under a lock, with one atomic rename: a crash at any point leaves the old model serving.
 An empty or absent store is seeded with the bundled checkpoint on first use. Servers
 watch ``serving.json`` and swap models when it changes (see ``app/serving.py``).
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ from .atomic import atomic_write
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 POINTER = "serving.json"
+BACKUP = "serving.backup.json"
 SUMMARY_SPLITS = ("validation", "test")
 SUMMARY_FIGURES = ("auc", "sensitivity", "false_positive_rate", "ood_flagged", "threshold")
 
@@ -66,11 +69,20 @@ class Pointer:
         return self.history[-2]["version"] if len(self.history) >= 2 else None
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ModelStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         self.pointer_path = self.root / POINTER
+        self.backup_path = self.root / BACKUP
 
     # ---- reading -------------------------------------------------------------------
 
@@ -82,15 +94,19 @@ class ModelStore:
     def tsne_path(self, version: str) -> Path:
         return self.versions_dir / f"{version}.tsne.npz"
 
-    def read_pointer(self) -> Pointer:
+    def read_pointer(self, path: Path | None = None) -> Pointer:
+        path = path or self.pointer_path
         try:
-            data = json.loads(self.pointer_path.read_text())
-            return Pointer(str(data["serving"]), tuple(data.get("history", ())))
+            data = json.loads(path.read_text())
+            history = tuple(data.get("history", ()))
+            if not all(isinstance(entry, dict) and isinstance(entry.get("version"), str) for entry in history):
+                raise TypeError("history")
+            return Pointer(str(data["serving"]), history)
         except FileNotFoundError:
             raise StoreError(f"the model store {self.root} has no serving model yet") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(
-                f"the model store's pointer {self.pointer_path} is unreadable ({type(exc).__name__})") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(f"the model store's pointer {path} is unreadable ({type(exc).__name__}): "
+                             "python -m training.store repair restores it") from None
 
     def serving_version(self) -> str:
         return self.read_pointer().serving
@@ -114,8 +130,26 @@ class ModelStore:
                 rows.append({"version": version, "problem": "summary missing or unreadable"})
         return sorted(rows, key=lambda r: (r.get("added_at", ""), r["version"]))
 
+    def problem(self, version: str) -> str | None:
+        """Why ``version``'s file cannot serve as stored (missing, or not the file its summary
+        describes: truncated, overwritten); None when it checks out or has no checksum to check."""
+        path = self.checkpoint_path(version)
+        try:
+            summary = json.loads((self.versions_dir / f"{version}.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        if not path.is_file():
+            return "not found in the store (no checkpoint file)"
+        expected = summary.get("sha256") if isinstance(summary, dict) else None
+        if expected and sha256_of(path) != expected:
+            return "damaged: its checkpoint file is not the one stored (checksum differs)"
+        return None
+
     def load(self, version: str, **kwargs) -> Checkpoint:
-        """The checkpoint of ``version``; ``CheckpointError`` if it is missing, broken or foreign."""
+        """The checkpoint of ``version``; ``CheckpointError`` if it is missing, damaged, broken or foreign."""
+        problem = self.problem(version)
+        if problem:
+            raise CheckpointError(f"version {version}: {problem}")
         checkpoint = load_checkpoint(self.checkpoint_path(version), **kwargs)
         if checkpoint.version != version:
             raise CheckpointError(f"{self.checkpoint_path(version)} holds version {checkpoint.version}, not {version}")
@@ -138,10 +172,13 @@ class ModelStore:
 
         A store that serves already gets a newer bundled checkpoint (a code update) as a
         candidate only: what serves changes by promotion alone. Returns True when it
-        seeded. The bundled files are copied, never written.
+        seeded. The bundled files are copied, never written. A store that has both needs
+        no lock, so a read-only store serves.
         """
+        checkpoint = load_checkpoint(bundled)
+        if self.pointer_path.exists() and self.checkpoint_path(checkpoint.version).exists():
+            return False
         with self.lock("promote"):
-            checkpoint = load_checkpoint(bundled)
             if not self.checkpoint_path(checkpoint.version).exists():
                 self._copy(Path(bundled), self.checkpoint_path(checkpoint.version))
                 self._write_summary(checkpoint, "bundled")
@@ -157,15 +194,56 @@ class ModelStore:
         self.load(version)
         return self._write_pointer(self.read_pointer(), version, action, forced, reason)
 
+    def repair(self, version: str | None = None) -> tuple[Pointer, str] | None:
+        """A readable pointer naming a version that loads (caller holds ``lock("promote")``).
+
+        ``version``, or else the newest version in the pointer's history (the backup's when
+        the pointer cannot be read) that loads. Returns (the new pointer, what was wrong),
+        None when nothing was wrong (moving a sound pointer is a promotion's work);
+        ``StoreError`` when no version can be found to serve.
+        """
+        try:
+            pointer = self.read_pointer()
+            wrong = None
+        except StoreError as exc:
+            pointer, wrong = None, str(exc)
+        if pointer is not None:
+            try:
+                self.load(pointer.serving)
+                return None
+            except CheckpointError as exc:
+                wrong = str(exc)
+        history = pointer or self._backup()
+        choices = [version] if version else [e["version"] for e in reversed(history.history)] if history else []
+        for choice in dict.fromkeys(choices):
+            try:
+                self.load(choice)
+            except (CheckpointError, StoreError):
+                continue
+            return self._write_pointer(history or Pointer(choice, ()), choice, "repair", reason=wrong), wrong
+        named = f"version {version} cannot be loaded" if version else "no version in the history can be loaded"
+        raise StoreError(f"{named}; name one that can: python -m training.store repair VERSION")
+
+    def _backup(self) -> Pointer | None:
+        try:
+            return self.read_pointer(self.backup_path)
+        except StoreError:
+            return None
+
     @contextmanager
     def lock(self, name: str, timeout: float = 30) -> Iterator[None]:
         """Serialise promotions (``promote``) or training runs (``train``) across processes."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / f".{name}.lock"))
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the model store {self.root}: {exc.strerror}") from None
+        try:
+            lock = FileLock(str(self.root / f".{name}.lock"))
             lock.acquire(timeout=timeout)
         except Timeout:
             raise StoreError(f"another {name} is in progress on {self.root}; try again when it ends") from None
+        except OSError as exc:
+            raise StoreError(f"cannot lock the model store {self.root} to change it: {exc.strerror}") from None
         try:
             yield
         finally:
@@ -175,12 +253,16 @@ class ModelStore:
                        reason: str | None = None) -> Pointer:
         entry = {"version": version, "at": now(), "action": action, "forced": forced, "reason": reason}
         pointer = Pointer(version, (*old.history, entry))
-        with atomic_write(self.pointer_path) as handle:
-            handle.write(json.dumps({"serving": pointer.serving, "history": list(pointer.history)}, indent=1).encode())
+        text = json.dumps({"serving": pointer.serving, "history": list(pointer.history)}, indent=1).encode()
+        for path in (self.pointer_path, self.backup_path):  # the pointer first: it is what serves
+            with atomic_write(path) as handle:
+                handle.write(text)
         return pointer
 
     def _write_summary(self, checkpoint: Checkpoint, source: str) -> None:
-        summary = {**summary_of(checkpoint), "added_at": now(), "source": source}
+        path = self.checkpoint_path(checkpoint.version)
+        summary = {**summary_of(checkpoint), "added_at": now(), "source": source, "sha256": sha256_of(path),
+                   "bytes": path.stat().st_size}
         with atomic_write(self.versions_dir / f"{checkpoint.version}.json") as handle:
             handle.write(json.dumps(summary, indent=1).encode())
 

@@ -139,11 +139,13 @@ def test_an_unknown_version_is_a_clear_error(store_copy, caplog):
     assert "not found" in caplog.text
 
 
-def test_a_corrupt_pointer_stops_the_commands_with_one_line(store_copy, caplog):
-    store, _, _ = store_copy
+def test_a_corrupt_pointer_stops_the_moving_commands_with_one_line_naming_repair(store_copy, caplog):
+    store, data, candidate = store_copy
     (store / "serving.json").write_text("{half a pointer")
-    assert run_models(store, "list") == 2
-    assert "pointer" in caplog.text and "unreadable" in caplog.text
+    assert run_models(store, "rollback") == 2
+    assert run_models(store, "promote", candidate, "--data", str(data)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("unreadable" in e and "training.store repair" in e for e in errors)
 
 
 def test_two_concurrent_promotions_are_serialised(candidate_store, tmp_path):

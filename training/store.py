@@ -3,6 +3,7 @@
     python -m training.store list [--json]
     python -m training.store promote VERSION [--force --reason TEXT]
     python -m training.store rollback
+    python -m training.store repair [VERSION]   # a pointer that cannot be read or names a broken version
     python -m training.store add FILE      # a checkpoint from training.train --out, as a candidate
 
 The guard re-evaluates the candidate and the serving model through ``Predictor`` on
@@ -10,8 +11,8 @@ the test split and refuses a candidate that screens worse than the limits below,
 ranks worse than what serves, flags too much of the test split as out of
 population, is a dry run, or was made with other preprocessing. Running servers
 pick up the new pointer within seconds (``app/serving.py``). Exit status: 0 done,
-1 refused by the guard, 2 could not be done (unknown version, broken file, no
-dataset, another promotion in progress).
+1 refused by the guard, 2 could not be done (unknown or damaged version, no dataset,
+another promotion in progress, a store that cannot be read or written), in one line.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     promote.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     promote.add_argument("--workers", type=int, default=2)
     commands.add_parser("rollback", help="serve the previously served version again")
+    repair = commands.add_parser("repair", help="restore a pointer that cannot be read or names a broken version")
+    repair.add_argument("version", nargs="?", default=None,
+                        help="the version to serve (default: the newest in the history that loads)")
     add = commands.add_parser("add", help="add a checkpoint file (from training.train --out) as a candidate")
     add.add_argument("checkpoint", type=Path)
     return parser
@@ -94,20 +98,26 @@ def side_by_side(candidate: tuple[str, dict], serving: tuple[str, dict]) -> str:
 
 
 def cmd_list(store: ModelStore, as_json: bool) -> int:
-    pointer = store.read_pointer()
-    promoted = {entry["version"]: entry["at"] for entry in pointer.history}  # the latest time each served
-    rows = [{**row, "serving": row["version"] == pointer.serving, "promoted_at": promoted.get(row["version"])}
+    try:
+        pointer, broken = store.read_pointer(), None
+    except StoreError as exc:
+        pointer, broken = None, str(exc)
+    promoted = {entry["version"]: entry["at"] for entry in pointer.history} if pointer else {}  # latest time each
+    rows = [{**row, "serving": pointer is not None and row["version"] == pointer.serving,
+             "promoted_at": promoted.get(row["version"]), "damage": store.problem(row["version"])}
             for row in store.versions()]
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0
+    if broken:
+        print(f"! {broken}")
     print(f"{'':2}{'version':<28}{'trained':<22}{'promoted (UTC)':<22}{'AUC':>7}{'sens':>7}{'FPR':>7}{'gate':>7}  note")
     for row in rows:
         test = row.get("metrics", {}).get("test", {})
         figures = "".join(f"{test[k]:>7.3f}" if k in test else f"{'-':>7}"
                           for k in ("auc", "sensitivity", "false_positive_rate"))
         gate = f"{test['ood_flagged']:>7.1%}" if "ood_flagged" in test else f"{'-':>7}"
-        note = "dry run" if row.get("dry_run") else row.get("problem", row.get("source", ""))
+        note = row["damage"] or ("dry run" if row.get("dry_run") else row.get("problem", row.get("source", "")))
         print(f"{'*' if row['serving'] else ' ':2}{row['version']:<28}{str(row.get('trained_at', '-'))[:19]:<22}"
               f"{str(row['promoted_at'] or '-')[:19]:<22}{figures}{gate}  {note}")
     print("* serving")
@@ -123,7 +133,7 @@ def cmd_promote(store: ModelStore, args) -> int:
         if args.version == serving_version:
             print(f"{args.version} is already serving")
             return 0
-        candidate = store.load(args.version)
+        candidate = store.load(args.version)  # a damaged file is refused here (exit 2)
         serving = store.load(serving_version)
         if candidate.preprocess != PreprocessParams():
             print(f"refused: {args.version} was made with preprocessing {candidate.preprocess.to_dict()}, "
@@ -156,6 +166,17 @@ def cmd_rollback(store: ModelStore) -> int:
     return 0
 
 
+def cmd_repair(store: ModelStore, version: str | None) -> int:
+    with store.lock("promote"):
+        repaired = store.repair(version)
+    if repaired is None:
+        print(f"nothing to repair: the pointer is readable and {store.serving_version()} loads")
+        return 0
+    pointer, wrong = repaired
+    print(f"repaired: {wrong}\nnow serving {pointer.serving}; running servers switch within seconds")
+    return 0
+
+
 def cmd_add(store: ModelStore, path: Path) -> int:
     checkpoint = load_checkpoint(path)
     store.add(checkpoint, source=f"added from {path.name}")
@@ -164,21 +185,37 @@ def cmd_add(store: ModelStore, path: Path) -> int:
     return 0
 
 
+def seed(store: ModelStore, required: bool) -> None:
+    try:
+        if store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT):
+            log.info("seeded the model store %s with the bundled model", store.root)
+    except StoreError as exc:
+        if required:
+            raise
+        log.warning("%s", exc)
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     store = ModelStore(args.store)
     try:
-        if store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT):
-            log.info("seeded the model store %s with the bundled model", store.root)
+        if args.command != "repair":
+            seed(store, required=args.command != "list")  # a read-only store still lists
         if args.command == "list":
             return cmd_list(store, args.json)
         if args.command == "promote":
             return cmd_promote(store, args)
         if args.command == "add":
             return cmd_add(store, args.checkpoint)
+        if args.command == "repair":
+            return cmd_repair(store, args.version)
         return cmd_rollback(store)
     except (StoreError, CheckpointError, DatasetError) as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:  # a read-only or full store, a file that vanished
+        log.error("could not %s: %s%s", args.command, exc.strerror or type(exc).__name__,
+                  f" ({exc.filename})" if exc.filename else "")
         return 2
 
 
