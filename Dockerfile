@@ -1,4 +1,5 @@
-# Pneumonia screening web app: gunicorn serving the model store's model on port 8000.
+# Pneumonia screening web app on port 8000: nginx holding the clients, gunicorn behind it
+# serving the model store's model (deploy/serve.py starts and stops both).
 #   docker build -t pneumonia-screening .
 #   docker run -p 8000:8000 -e SECRET_KEY=... -v pneumonia-models:/var/lib/pneumonia/models pneumonia-screening
 # The model store is a volume: it outlives the container and is seeded with the
@@ -15,6 +16,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /srv/app
 
+# nginx buffers each request whole before gunicorn sees it: slow clients cost no worker.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nginx-light \
+    && rm -rf /var/lib/apt/lists/*
+
 # The CPU build of the pinned torch release (the default wheel carries ~3 GB of CUDA
 # libraries that a CPU server never uses); opencv-python-headless needs no X libraries.
 COPY requirements.txt .
@@ -25,6 +31,7 @@ COPY model ./model
 COPY training ./training
 COPY templates ./templates
 COPY static ./static
+COPY deploy ./deploy
 COPY wsgi.py gunicorn.conf.py ./
 
 RUN useradd --system --uid 10001 --no-create-home screening \
@@ -37,4 +44,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD python -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"
 
-CMD ["gunicorn", "wsgi:app"]
+# SIGTERM (docker stop) lets nginx, then gunicorn, finish the requests they hold: give it
+# REQUEST_BUDGET_S plus a margin (docker stop -t 40).
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "deploy.serve"]

@@ -1,19 +1,28 @@
 # The two commands of the README: `make serve` and `make test`. Both set up everything
-# they need on a fresh machine (a virtual environment in .venv from requirements-dev.txt).
+# they need on a fresh machine (a virtual environment in .venv from requirements-dev.txt;
+# for serving, Debian's nginx-light, which holds slow clients in front of gunicorn).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: serve test train tsne bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: serve test train tsne bench clean nginx
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-serve: $(BIN)/.installed
-	BIND=0.0.0.0:$(PORT) $(BIN)/gunicorn wsgi:app
+serve: $(BIN)/.installed nginx
+	PORT=$(PORT) $(BIN)/python -m deploy.serve
+
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  echo "installing nginx-light (Debian), the proxy in front of gunicorn"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends nginx-light >/dev/null; }
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

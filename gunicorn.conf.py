@@ -12,7 +12,11 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # (model/coalesce.py): concurrent requests cost less each than one at a time.
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
-graceful_timeout = 20
+# On SIGTERM a worker finishes its requests: the longest one the app's budgets allow
+# (REQUEST_BUDGET_S, app/config.py) and its last file's decoding.
+from deploy.serve import shutdown_seconds  # noqa: E402
+
+graceful_timeout = shutdown_seconds()
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 # Load the model once in the master: workers share its memory pages and start at once.
 preload_app = os.environ.get("GUNICORN_PRELOAD", "1") == "1"

@@ -56,3 +56,12 @@ def make_adult_films(root: Path, patients: int = 6) -> Path:
             rows.append(f"{name},{patient},{40 + patient},F,{view},generated,none,none")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def largest_film(megapixels: float = 40.0, seed: int = 0) -> bytes:
+    """A PNG at the pixel limit that compresses to a few hundred KB, so that a batch of the
+    most files of the most pixels fits in one upload: the costliest request the app takes."""
+    height = int((megapixels * 1e6 * 0.8) ** 0.5)
+    width = int(megapixels * 1e6 // height)
+    small = synthetic_xray(height // 128, width // 128, seed=seed)
+    return encode(cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST), ".png")
