@@ -130,6 +130,38 @@ def test_an_app_whose_pointer_breaks_keeps_answering_says_degraded_and_heals(mak
     assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": True, "model_version": COPY}
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_an_app_whose_pointer_names_a_broken_version_keeps_its_model_and_says_so(make_app, store, damage):
+    app = make_app(MODEL_STORE=str(store.root))
+    served, client = app.extensions["model"], app.test_client()
+    path = store.checkpoint_path(BUNDLED)
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    pointer = json.loads(store.pointer_path.read_text())
+    store.pointer_path.write_text(json.dumps({**pointer, "serving": BUNDLED}))  # a hand edit
+    served.refresh()
+    body = client.get("/healthz").get_json()
+    assert body["status"] == "degraded" and body["model_version"] == COPY and "cannot be loaded" in body["problem"]
+    assert client.post("/api/v1/predict", data=XRAY, content_type="image/png").status_code == 200
+    assert run_models(store.root, "repair") == 0 and store.serving_version() == COPY
+    served.refresh()
+    assert client.get("/healthz").get_json()["status"] == "ok"
+
+
+def test_a_read_only_store_serves(make_app, store, monkeypatch):
+    import model.store
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(model.store, "FileLock", read_only)
+    monkeypatch.setattr(model.store, "atomic_write", read_only)
+    client = make_app(MODEL_STORE=str(store.root)).test_client()
+    assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": True, "model_version": COPY}
+
+
 def test_an_app_started_on_a_broken_pointer_serves_the_bundled_model_and_says_so(make_app, store):
     store.pointer_path.write_text("garbage")
     app = make_app(MODEL_STORE=str(store.root))
