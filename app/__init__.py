@@ -45,8 +45,10 @@ def create_app(config: dict | None = None) -> Flask:
     @app.context_processor
     def _served_version():
         # The version that answers this request, on every page (a function: error
-        # pages render it too, and only pages that show it ask for it).
-        return {"served_version": lambda: serving.get_predictor().version}
+        # pages render it too, and only pages that show it ask for it), and the
+        # promotion that put it past the guard, if one did.
+        return {"served_version": lambda: serving.get_predictor().version,
+                "forced_promotion": lambda: app.extensions["model"].forced}
 
     @app.before_request
     def _start_timer():

@@ -50,12 +50,25 @@ class ServedModel:
         #: Why this process does not serve what the store's pointer names (None when it does):
         #: for /healthz, so in words without server paths.
         self.problem: str | None = None
+        #: The history entry that put the served version in service ({"forced", "by", "reason"...}).
+        self.entry: dict | None = None
 
     @classmethod
     def from_store(cls, store: ModelStore, limits: DecodeLimits) -> ServedModel:
         """Start-up: the serving version must load (``CheckpointError``/``StoreError`` otherwise)."""
         stamp = store.pointer_stamp()  # before loading: a promotion meanwhile is caught by the first refresh
-        return cls(_load(store, store.serving_version(), limits), store, limits, stamp)
+        pointer = store.read_pointer()
+        served = cls(_load(store, pointer.serving, limits), store, limits, stamp)
+        served.entry = pointer.history[-1] if pointer.history else None
+        return served
+
+    @property
+    def forced(self) -> dict | None:
+        """The history entry of a promotion that overrode the guard, while its version serves here."""
+        entry = self.entry
+        if entry and entry.get("forced") and entry.get("version") == self.predictor.version and not self.problem:
+            return entry
+        return None
 
     @classmethod
     def degraded(cls, store: ModelStore, limits: DecodeLimits, error: Exception) -> ServedModel:
@@ -83,7 +96,8 @@ class ServedModel:
             return
         old = self.predictor.version
         try:
-            version = self.store.serving_version()
+            pointer = self.store.read_pointer()
+            version = pointer.serving
             if version != old:
                 self.predictor = _load(self.store, version, self.limits)  # one assignment: requests see old or new
                 log.info("now serving model %s (was %s)", version, old)
@@ -93,6 +107,7 @@ class ServedModel:
         if self.problem is not None:
             log.info("the model store's pointer serves again: model %s", version)
             self.problem = None
+        self.entry = pointer.history[-1] if pointer.history else None
         self._stamp = stamp
 
     def _fail(self, error: Exception) -> None:

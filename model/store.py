@@ -14,6 +14,7 @@ watch ``serving.json`` and swap models when it changes (see ``app/serving.py``).
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import hashlib
 import json
 import os
@@ -38,6 +39,14 @@ class StoreError(RuntimeError):
     """The store cannot do what was asked; the message says why, in one line."""
 
 
+def operator() -> str:
+    """Who moves the pointer, as the history records it: the operating-system user."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no name
+        return f"uid {os.getuid()}"
+
+
 def now() -> str:
     """UTC, to the millisecond: two versions added in one second still list in order."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
@@ -49,6 +58,7 @@ def summary_of(checkpoint: Checkpoint) -> dict:
         "version": checkpoint.version,
         "trained_at": checkpoint.created_at,
         "dry_run": bool(checkpoint.training_data.get("dry_run", False)),
+        "test_films": checkpoint.training_data.get("test", {}).get("images"),  # what its own figures rest on
         "seed": checkpoint.training_data.get("seed"),
         "preprocess": checkpoint.preprocess.to_dict(),
         "metrics": {
@@ -61,7 +71,7 @@ def summary_of(checkpoint: Checkpoint) -> dict:
 @dataclass(frozen=True)
 class Pointer:
     serving: str
-    history: tuple[dict, ...]  # oldest first: {"version", "at", "action", "forced", "reason"}
+    history: tuple[dict, ...]  # oldest first: {"version", "at", "action", "forced", "reason", "by"}
 
     @property
     def previous(self) -> str | None:
@@ -251,13 +261,27 @@ class ModelStore:
 
     def _write_pointer(self, old: Pointer, version: str, action: str, forced: bool = False,
                        reason: str | None = None) -> Pointer:
-        entry = {"version": version, "at": now(), "action": action, "forced": forced, "reason": reason}
+        entry = {"version": version, "at": now(), "action": action, "forced": forced, "reason": reason,
+                 "by": operator()}
         pointer = Pointer(version, (*old.history, entry))
         text = json.dumps({"serving": pointer.serving, "history": list(pointer.history)}, indent=1).encode()
         for path in (self.pointer_path, self.backup_path):  # the pointer first: it is what serves
             with atomic_write(path) as handle:
                 handle.write(text)
         return pointer
+
+    def record_guard(self, version: str, test_figures: dict, films: int) -> None:
+        """Keep the figures the guard measured on the whole test split in ``version``'s summary:
+        ``list`` shows them in place of the figures training recorded."""
+        path = self.versions_dir / f"{version}.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # ``list`` says the summary is missing; the figures are printed all the same
+        summary["guard"] = {"at": now(), "test_films": films,
+                            **{k: test_figures[k] for k in SUMMARY_FIGURES if k in test_figures}}
+        with atomic_write(path) as handle:
+            handle.write(json.dumps(summary, indent=1).encode())
 
     def _write_summary(self, checkpoint: Checkpoint, source: str) -> None:
         path = self.checkpoint_path(checkpoint.version)

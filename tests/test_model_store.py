@@ -1,4 +1,6 @@
 """The model store and its admin commands: seeding, candidates, the promotion guard, rollback."""
+import dataclasses
+import getpass
 import hashlib
 import json
 import logging
@@ -93,29 +95,60 @@ def test_training_never_writes_the_bundled_checkpoint(tiny_dataset, caplog):
     assert digest(DEFAULT_CHECKPOINT) == BUNDLED_DIGEST
 
 
-def test_a_dry_run_candidate_is_refused_with_both_models_figures(store_copy, capsys):
+def real_candidate(store, version: str = "stn-cnn-copy-of-bundled") -> str:
+    """A candidate that is no dry run: the bundled model under another version."""
+    ModelStore(store).add(dataclasses.replace(load_checkpoint(DEFAULT_CHECKPOINT), version=version))
+    return version
+
+
+@pytest.mark.parametrize("force", [[], ["--force", "--reason", "we need it now"]], ids=["guarded", "forced"])
+def test_a_dry_run_candidate_can_never_serve(store_copy, capsys, force):
     store, data, candidate = store_copy
+    before = (store / "serving.json").read_text()
     capsys.readouterr()
-    assert run_models(store, "promote", candidate, "--data", str(data)) == 1
+    assert run_models(store, "promote", candidate, "--data", str(data), *force) == 1
     out = capsys.readouterr().out
-    assert candidate in out and BUNDLED in out and "AUC" in out and "false-positive rate" in out
     refusal = [line for line in out.splitlines() if line.startswith("refused:")]
-    assert len(refusal) == 1 and "dry-run" in refusal[0]
-    assert ModelStore(store).serving_version() == BUNDLED
+    assert len(refusal) == 1 and "dry-run" in refusal[0] and "--force cannot override" in refusal[0]
+    assert (store / "serving.json").read_text() == before
 
 
-def test_force_needs_a_reason_and_is_recorded_then_rollback_returns(store_copy, capsys):
-    store, data, candidate = store_copy
+def test_list_says_which_figures_rest_on_a_dry_run_and_shows_the_guards_once_measured(store_copy, capsys):
+    store, data, dry = store_copy
+    candidate = real_candidate(store)
+    capsys.readouterr()
+    assert run_models(store, "list") == 0
+    lines = {line.split()[0].strip("*"): line for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert "DRY RUN" in lines[dry] and "not a model's figures" in lines[dry] and "20 films" in lines[dry]
+    assert "from training, on 624 films" in lines[candidate]
+    assert run_models(store, "promote", candidate, "--data", str(data), "--force", "--reason", "drill") == 0
+    rows = {row["version"]: row for row in listing(store, capsys)}
+    assert rows[candidate]["guard"]["test_films"] == 20 and rows[BUNDLED]["guard"]["test_films"] == 20
+    capsys.readouterr()
+    assert run_models(store, "list") == 0
+    assert "measured by the guard on 20 films" in capsys.readouterr().out
+
+
+def test_force_needs_a_reason_and_is_recorded_with_its_banner_then_rollback_returns(store_copy, capsys, make_app):
+    store, data, _ = store_copy
+    candidate = real_candidate(store)
     assert run_models(store, "promote", candidate, "--data", str(data), "--force") == 2
     assert ModelStore(store).serving_version() == BUNDLED
     assert run_models(store, "promote", candidate, "--data", str(data), "--force", "--reason", "pipeline drill") == 0
     pointer = ModelStore(store).read_pointer()
     assert pointer.serving == candidate
-    forced = {"action": "promote", "forced": True, "reason": "pipeline drill"}
+    forced = {"action": "promote", "forced": True, "reason": "pipeline drill", "by": getpass.getuser()}
     assert pointer.history[-1] == {**pointer.history[-1], **forced}
     assert {r["version"]: r["serving"] for r in listing(store, capsys)}[candidate] is True
+    app = make_app(MODEL_STORE=str(store))
+    uploads = Uploads(app.test_client())
+    for page in (uploads.client.get("/"), uploads.form(XRAY), uploads.client.get("/model")):
+        html = page.get_data(as_text=True)
+        assert 'id="forced-banner"' in html and "pipeline drill" in html and getpass.getuser() in html
     assert run_models(store, "rollback") == 0
     assert ModelStore(store).serving_version() == BUNDLED
+    app.extensions["model"].refresh()
+    assert 'id="forced-banner"' not in uploads.client.get("/").get_data(as_text=True)
 
 
 def test_rollback_with_no_earlier_version_is_a_clear_error(tmp_path, caplog):
@@ -151,9 +184,10 @@ def test_a_corrupt_pointer_stops_the_moving_commands_with_one_line_naming_repair
 def test_two_concurrent_promotions_are_serialised(candidate_store, tmp_path):
     import shutil
 
-    source, data, first, second = candidate_store
+    source, data, _, _ = candidate_store
     store = tmp_path / "store"
     shutil.copytree(source, store)
+    first, second = real_candidate(store, "stn-cnn-copy-1"), real_candidate(store, "stn-cnn-copy-2")
 
     def promote(version):
         return subprocess.Popen(

@@ -111,17 +111,31 @@ def cmd_list(store: ModelStore, as_json: bool) -> int:
         return 0
     if broken:
         print(f"! {broken}")
-    print(f"{'':2}{'version':<28}{'trained':<22}{'promoted (UTC)':<22}{'AUC':>7}{'sens':>7}{'FPR':>7}{'gate':>7}  note")
+    print(f"{'':2}{'version':<28}{'trained':<22}{'promoted (UTC)':<22}{'AUC':>7}{'sens':>7}{'FPR':>7}{'gate':>7}"
+          "  figures on the test split; note")
     for row in rows:
-        test = row.get("metrics", {}).get("test", {})
+        test, basis = figures_of(row)
         figures = "".join(f"{test[k]:>7.3f}" if k in test else f"{'-':>7}"
                           for k in ("auc", "sensitivity", "false_positive_rate"))
         gate = f"{test['ood_flagged']:>7.1%}" if "ood_flagged" in test else f"{'-':>7}"
-        note = row["damage"] or ("dry run" if row.get("dry_run") else row.get("problem", row.get("source", "")))
+        note = row["damage"] or row.get("problem") or row.get("source", "")
         print(f"{'*' if row['serving'] else ' ':2}{row['version']:<28}{str(row.get('trained_at', '-'))[:19]:<22}"
-              f"{str(row['promoted_at'] or '-')[:19]:<22}{figures}{gate}  {note}")
+              f"{str(row['promoted_at'] or '-')[:19]:<22}{figures}{gate}  {basis}; {note}")
     print("* serving")
     return 0
+
+
+def figures_of(row: dict) -> tuple[dict, str]:
+    """The test-split figures to show for a version, and what they rest on: the guard's own
+    measurement when a promotion made one, else what training recorded (a dry run's on a
+    few dozen films, which say nothing of the model)."""
+    if row.get("guard"):
+        return row["guard"], f"measured by the guard on {row['guard']['test_films']} films"
+    films = row.get("test_films")
+    on = f"{films} films" if films else "the test split"
+    if row.get("dry_run"):
+        return row.get("metrics", {}).get("test", {}), f"DRY RUN, from training on {on}: not a model's figures"
+    return row.get("metrics", {}).get("test", {}), f"from training, on {on}"
 
 
 def cmd_promote(store: ModelStore, args) -> int:
@@ -134,6 +148,10 @@ def cmd_promote(store: ModelStore, args) -> int:
             print(f"{args.version} is already serving")
             return 0
         candidate = store.load(args.version)  # a damaged file is refused here (exit 2)
+        if candidate.training_data.get("dry_run"):
+            print(f"refused: {args.version} is a dry-run model (a few batches, to check the pipeline); "
+                  "it can never serve (--force cannot override this)")
+            return 1
         serving = store.load(serving_version)
         if candidate.preprocess != PreprocessParams():
             print(f"refused: {args.version} was made with preprocessing {candidate.preprocess.to_dict()}, "
@@ -142,6 +160,8 @@ def cmd_promote(store: ModelStore, args) -> int:
         test = load_split(args.data, "test", candidate.preprocess, args.cache_dir, args.workers, progress=False)
         candidate_metrics = evaluate(Predictor(candidate), test)
         serving_metrics = evaluate(Predictor(serving), test)
+        for version, figures in ((args.version, candidate_metrics), (serving_version, serving_metrics)):
+            store.record_guard(version, figures, len(test))
         print(side_by_side((args.version, candidate_metrics), (serving_version, serving_metrics)))
         reasons = guard(candidate_metrics, serving_metrics, bool(candidate.training_data.get("dry_run")),
                         candidate.population_gate is not None)

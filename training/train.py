@@ -347,7 +347,9 @@ def _run(args, recipe: Recipe, device, store: ModelStore | None) -> int:
         print(format_gate_table(checkpoint.metrics["population_gate"]))
     print(f"wrote {written} in {time.perf_counter() - started:.0f} s")
     print(f"version {checkpoint.version}")
-    if store is not None:
+    if recipe.dry_run:
+        print("This is a dry run: it checks the pipeline and can never be served.")
+    elif store is not None:
         print(f"Nothing served has changed. To serve it: python -m training.store promote {checkpoint.version}")
     return 0
 
