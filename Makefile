@@ -24,7 +24,11 @@ nginx:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends nginx-light >/dev/null; }
 
-test: $(BIN)/.installed
+# axe-core, which the browser tests inject into pages, from the npm registry (package-lock.json).
+node_modules/axe-core/axe.min.js: package.json package-lock.json
+	command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --silent || echo "npm not found: the accessibility tests will skip"
+
+test: $(BIN)/.installed node_modules/axe-core/axe.min.js
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

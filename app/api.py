@@ -6,7 +6,7 @@ import base64
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest
 
-from model import Prediction
+from model import Prediction, prior_shift
 from model.neighbours import COUNT_K
 
 from .errors import status_for
@@ -53,7 +53,13 @@ def prediction_json(prediction: Prediction) -> dict:
         "in_distribution": prediction.in_distribution,
         "population_reasons": [reason.to_dict() for reason in prediction.population_reasons],
         "ood_score": None if prediction.ood_score is None else round(prediction.ood_score, 4),
+        "calibration_prevalence": get_predictor().checkpoint.calibration_prevalence,
     }
+    clinic = current_app.config.get("CLINIC_PREVALENCE")
+    if clinic is not None and body["calibration_prevalence"] is not None:
+        body["clinic_prevalence"] = clinic
+        body["probability_at_clinic_prevalence"] = round(
+            prior_shift(prediction.probability, body["calibration_prevalence"], clinic), 6)
     if prediction.saliency is not None:
         body["saliency_png"] = base64.b64encode(saliency_png(prediction.aligned, prediction.saliency)).decode("ascii")
     return body

@@ -10,6 +10,25 @@ import os
 from model.settings import MAX_IMAGE_PIXELS, data_dir, model_store_dir
 
 
+class ConfigError(ValueError):
+    """A setting the app cannot run with; the message names it."""
+
+
+def clinic_prevalence() -> float | None:
+    """``CLINIC_PREVALENCE``: the share of films with pneumonia the clinic expects (0.2 for 20%),
+    or unset; displayed probabilities are adjusted to it (app/pages.py)."""
+    text = os.environ.get("CLINIC_PREVALENCE", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise ConfigError(f"CLINIC_PREVALENCE must be a fraction between 0 and 1 (0.2 for 20%), not {text[:20]!r}")
+    return value
+
+
 def request_budget_s() -> float:
     """Seconds a request may spend reading files (``REQUEST_BUDGET_S``); read by gunicorn.conf.py too."""
     return float(os.environ.get("REQUEST_BUDGET_S", "20"))
@@ -31,6 +50,7 @@ def from_environment() -> dict:
         "MAX_REQUEST_PIXELS": int(float(env.get("MAX_REQUEST_MEGAPIXELS", "120")) * 1_000_000),
         "REQUEST_BUDGET_S": request_budget_s(),
         "SECRET_KEY": env.get("SECRET_KEY"),
+        "CLINIC_PREVALENCE": clinic_prevalence(),
         "SESSION_COOKIE_SAMESITE": "Lax",  # and Secure whenever the request came over HTTPS (security.py)
         "WTF_CSRF_TIME_LIMIT": None,  # a clinician may leave the upload page open all shift
     }

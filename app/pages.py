@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, url_for
 
+from model import prior_shift
 from model.neighbours import COUNT_K
 from model.store import StoreError
 
@@ -15,12 +16,17 @@ from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_poly
 from .security import content_security_policy
 from .serving import get_predictor, neighbour_index
 from .thumbnails import dataset_file
-from .uploads import predict_each, read_age, read_batch_upload, read_single_upload
+from .uploads import predict_each, read_age, read_batch_upload, read_single_upload, upload_name
 
 bp = Blueprint("pages", __name__)
 
 ACCEPTED_FORMATS = "JPEG, PNG (8- or 16-bit), DICOM (CR/DX), TIFF, BMP, WebP"
 SIMILAR_SHOWN = 6
+#: Rows of the robustness table as checkpoints made before 2026-12-06 name them: one name
+#: each said "(a wider film)" though one stretches and the other squeezes.
+ROBUSTNESS_NAMES = {"taller 8% (a wider film)": "stretched 8% taller (as a film 8% wider)",
+                    "narrower 8% (a wider film)": "squeezed 8% narrower (as a film 8% wider)",
+                    "shorter 8% (a narrower film)": "squeezed 8% shorter (as a film 8% narrower)"}
 GATE_GOALS = {"adult frontal, held-out patients": ">= 90%", "lateral, held-out patients": ">= 95%",
               "test split": "<= 5%", "validation split": "<= 2%"}
 
@@ -48,7 +54,8 @@ def predict():
     html = render_template(
         "result.html",
         prediction=prediction,
-        percent=100 * prediction.probability,
+        filename=upload_name(request),
+        percent=100 * shown_probability(prediction.probability),
         input_uri=png_data_uri(prediction.model_input),
         aligned_uri=png_data_uri(prediction.aligned),
         saliency_uri=png_bytes_data_uri(saliency_png(prediction.aligned, prediction.saliency, side=64)),
@@ -61,6 +68,23 @@ def predict():
         # BokehJS writes <style> elements into its shadow roots.
         response.headers["Content-Security-Policy"] = content_security_policy(inline_styles=True)
     return response
+
+
+@bp.app_template_global()
+def prevalence() -> dict:
+    """The validation mix the probabilities are calibrated to, and the clinic's setting (or None)."""
+    return {"calibration": get_predictor().checkpoint.calibration_prevalence,
+            "clinic": current_app.config.get("CLINIC_PREVALENCE")}
+
+
+@bp.app_template_global()
+def shown_probability(probability: float) -> float:
+    """The probability as pages show it: for the clinic's expected prevalence when one is set
+    (``CLINIC_PREVALENCE``); the decision stays at the validated threshold either way."""
+    mix = prevalence()
+    if mix["clinic"] is None or mix["calibration"] is None:
+        return probability
+    return prior_shift(probability, mix["calibration"], mix["clinic"])
 
 
 def similar_films(prediction) -> dict:
@@ -133,6 +157,7 @@ def model_card():
         alignment=checkpoint.metrics.get("alignment"),
         aligned_films=aligned_films(get_predictor(), current_app.config["DATASET_DIR"]),
         robustness=checkpoint.metrics.get("robustness"),
+        robustness_names=ROBUSTNESS_NAMES,
         site_shift=checkpoint.metrics.get("site_shift"),
     )
 

@@ -12,12 +12,23 @@ from pathlib import Path
 import numpy as np
 from bokeh.embed import components, json_item
 from bokeh.layouts import row
-from bokeh.models import ColumnDataSource, HoverTool, TabPanel, Tabs
+from bokeh.models import ColumnDataSource, HoverTool, InlineStyleSheet, TabPanel, Tabs
 from bokeh.plotting import figure
 
 from model import TsneMap
 
 COLORS = {"NORMAL": "#2e9e4f", "PNEUMONIA": "#d03b30"}
+
+#: BokehJS draws in shadow roots, where the page's stylesheet does not reach: the keyboard
+#: focus is marked there as on the rest of the page (static/style.css, :focus-visible). The
+#: plot's canvas takes the focus inside a shadow root of its own: its frame is marked instead.
+FOCUS_CSS = ("*:focus-visible { outline: 3px solid #0b57d0 !important; outline-offset: -3px; }"
+             ".bk-Canvas:focus-within { outline: 3px solid #0b57d0; outline-offset: -3px; }")
+
+
+def keyboard_visible(*models) -> None:
+    for model in models:  # a stylesheet each: a Bokeh model belongs to one document
+        model.stylesheets = [*model.stylesheets, InlineStyleSheet(css=FOCUS_CSS)]
 
 
 def _sources(tsne_map: TsneMap, thumbnail_url: str | None) -> dict[str, tuple[ColumnDataSource, ColumnDataSource]]:
@@ -61,7 +72,7 @@ def build_layout(tsne_map: TsneMap, thumbnail_url: str | None) -> Tabs:
             points, wrong = sources[split]
             plot = figure(
                 title=f"{name} ({len(points.data['file'])} images)",
-                width=560, height=520, tools="pan,wheel_zoom,box_zoom,reset,save",
+                width=560, height=560, sizing_mode="scale_width", tools="pan,wheel_zoom,box_zoom,reset,save",
                 active_scroll="wheel_zoom", **shared,
             )
             shared = {"x_range": plot.x_range, "y_range": plot.y_range}  # linked pan and zoom
@@ -69,13 +80,24 @@ def build_layout(tsne_map: TsneMap, thumbnail_url: str | None) -> Tabs:
             crosses = plot.scatter(x, y, source=wrong, marker="x", size=9, color="#111111", line_width=1.5,
                                    legend_label="model wrong")
             plot.add_tools(HoverTool(renderers=[dots, crosses], tooltips=_tooltip(bool(thumbnail_url))))
-            plot.legend.location = "top_left"
+            legend_below(plot)
             plot.legend.click_policy = "hide"
             plot.axis.visible = False
             plot.grid.visible = False
+            plot.toolbar.logo = None  # a link off this site, and a tab stop, in every plot
+            keyboard_visible(plot, plot.toolbar)
             plots.append(plot)
-        panels.append(TabPanel(child=row(*plots), title=title))
-    return Tabs(tabs=panels)
+        panels.append(TabPanel(child=row(*plots, sizing_mode="scale_width"), title=title))
+    tabs = Tabs(tabs=panels, sizing_mode="scale_width")
+    keyboard_visible(tabs)
+    return tabs
+
+
+def legend_below(plot) -> None:
+    """The legend under the plot, in a row: inside it, it hid the points in its corner."""
+    legend = plot.legend[0]
+    legend.orientation = "horizontal"
+    plot.add_layout(legend, "below")
 
 
 def plot_components(path: Path, thumbnail_url: str | None) -> tuple[str, str, TsneMap]:
@@ -109,13 +131,14 @@ def _placement(path: str, mtime_ns: int) -> tuple[str, str]:
     labels = np.where(tsne_map.label[train] == 1, "PNEUMONIA", "NORMAL")
     points = ColumnDataSource({"x": tsne_map.feature_xy[train, 0], "y": tsne_map.feature_xy[train, 1],
                                "label": labels, "color": np.array([COLORS[label] for label in labels])})
-    plot = figure(title="Training split, learned features", width=420, height=380,
-                  tools="pan,wheel_zoom,reset", active_scroll="wheel_zoom")
+    plot = figure(title="Training split, learned features", width=420, height=420, sizing_mode="scale_width",
+                  toolbar_location=None, tools="")  # a small map to find the star: no tools to tab through
     plot.scatter("x", "y", source=points, size=4, color="color", alpha=0.45, legend_field="label")
     upload = ColumnDataSource({"x": [], "y": []}, name=UPLOAD_SOURCE)
     plot.scatter("x", "y", source=upload, marker="star", size=22, fill_color="#f2c200", line_color="#111111",
                  line_width=2, legend_label="this film")
-    plot.legend.location = "top_left"
+    legend_below(plot)
     plot.axis.visible = False
     plot.grid.visible = False
+    keyboard_visible(plot)
     return tsne_map.checkpoint_version, json.dumps(json_item(plot, "film-map-plot"))

@@ -62,6 +62,14 @@ def read_single_upload(request: Request, field: str = "image") -> bytes:
     return data
 
 
+def upload_name(request: Request, field: str = "image") -> str | None:
+    """The uploaded file's name, to show back to the same user (never stored or logged);
+    None for a raw body, which has none."""
+    if request.mimetype in RAW_TYPES or field not in request.files:
+        return None
+    return display_name(request.files[field].filename, 1)
+
+
 def form_value(request: Request, field: str) -> str | None:
     """A form or multipart field; a raw-body upload carries none, so its body is not parsed for one."""
     return None if request.mimetype in RAW_TYPES else request.form.get(field)

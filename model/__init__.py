@@ -12,7 +12,7 @@ from .decode import DecodeLimits, RequestBudget, decode_image
 from .errors import ImageError, ImageTooLargeError, InvalidImageError, UnreadableFileError, UnsupportedImageError
 from .inference import for_inference
 from .network import Ensemble, Inference, NetworkConfig, PneumoniaNet
-from .predictor import BatchOutput, NetworkOutput, Prediction, Predictor, calibrate, infer_batches
+from .predictor import BatchOutput, NetworkOutput, Prediction, Predictor, calibrate, infer_batches, prior_shift
 from .preprocess import PreprocessParams, preprocess
 from .tsne_map import TsneMap, TsneMapError
 
@@ -21,5 +21,6 @@ __all__ = [
     "ImageTooLargeError", "Inference", "InvalidImageError", "NetworkConfig", "NetworkOutput", "PneumoniaNet",
     "Prediction", "Predictor", "PreprocessParams", "RequestBudget", "TsneMap", "TsneMapError", "UnreadableFileError",
     "UnsupportedImageError",
-    "calibrate", "decode_image", "for_inference", "infer_batches", "load_checkpoint", "preprocess", "save_checkpoint",
+    "calibrate", "decode_image", "for_inference", "infer_batches", "load_checkpoint", "preprocess", "prior_shift",
+    "save_checkpoint",
 ]

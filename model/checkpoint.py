@@ -54,6 +54,13 @@ class Checkpoint:
     population_gate: PopulationHead | PopulationGate | None = None
     intended_use: IntendedUse = field(default_factory=IntendedUse)
 
+    @property
+    def calibration_prevalence(self) -> float | None:
+        """The share of pneumonia among the validation films the probabilities are calibrated to."""
+        validation = self.training_data.get("validation", {})
+        images, pneumonia = validation.get("images"), validation.get("pneumonia")
+        return pneumonia / images if images and pneumonia is not None else None
+
     @cached_property
     def model(self) -> Ensemble:
         """The network as it serves (``for_inference``), weights loaded; built once."""

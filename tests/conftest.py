@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
+from werkzeug.serving import make_server
 
 from app import create_app
 from harness.images import make_adult_films, make_dataset
@@ -94,3 +97,58 @@ def pediatric_film(real_data, app) -> bytes:
         if predictor.predict(data).in_distribution:
             return data
     pytest.fail("no test-split film passes the population gate")
+
+
+# ---- the browser tests' server and headless Chromium ----------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    app = create_app({"SECRET_KEY": "browser-test"})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    driver = chromium(tmp_path_factory)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser_without_javascript(tmp_path_factory):
+    """Chromium with JavaScript off from the start (so that <noscript> content is parsed)."""
+    driver = chromium(tmp_path_factory, javascript=False)
+    yield driver
+    driver.quit()
+
+
+def chromium(tmp_path_factory, javascript: bool = True):
+    if not (CHROMIUM and CHROMEDRIVER):
+        message = "headless Chromium not installed (Debian packages chromium and chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI requires it")
+        pytest.skip(message)
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager reach the network
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    return driver

@@ -83,8 +83,8 @@ def test_perturbations_move_the_film_as_named(picture):
     assert np.allclose(turned, screen)
     bar = np.zeros((1, 64, 64), np.float32)
     bar[0, 22:42, 16:48] = 1  # 20 rows, 32 columns, centred
-    taller = perturb(bar, *robustness.PERTURBATIONS["taller 8% (a wider film)"])[0] > 0.5
-    narrower = perturb(bar, *robustness.PERTURBATIONS["narrower 8% (a wider film)"])[0] > 0.5
+    taller = perturb(bar, *robustness.PERTURBATIONS["stretched 8% taller (as a film 8% wider)"])[0] > 0.5
+    narrower = perturb(bar, *robustness.PERTURBATIONS["squeezed 8% narrower (as a film 8% wider)"])[0] > 0.5
     for stretched, rows, columns in ((taller, 20 * 1.08, 32), (narrower, 20, 32 / 1.08)):
         found = np.nonzero(stretched)
         assert np.ptp(found[0]) + 1 == pytest.approx(rows, abs=1)

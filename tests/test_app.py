@@ -45,7 +45,7 @@ def test_result_page_shows_probability_decision_threshold_images_and_disclaimer(
     assert decision == ("PNEUMONIA suspected" if probability / 100 >= threshold - 5e-4 else "NORMAL")
     assert f"{100 * threshold:.1f}%" in html
     assert html.count('src="data:image/png;base64,') == 3  # model input, aligned, heat map
-    assert "Where the model looked" in html
+    assert "Where the pneumonia score was pushed up most" in html and 'id="probability-meaning"' in html
     assert "not a diagnosis" in html
     assert app.extensions["model"].predictor.version in html
     assert "specificity" in html and 'href="/"' in html
@@ -121,7 +121,9 @@ def test_api_predict_answers_the_documented_fields(app, uploads, pediatric_film)
     body = response.get_json()
     assert response.status_code == 200
     assert set(body) == {"probability", "label", "threshold", "model_version", "in_distribution", "ood_score",
-                         "population_reasons"}
+                         "population_reasons", "calibration_prevalence"}
+    validation = app.extensions["model"].predictor.checkpoint.training_data["validation"]
+    assert body["calibration_prevalence"] == validation["pneumonia"] / validation["images"]
     assert body["in_distribution"] is True and body["population_reasons"] == []
     assert 0 <= body["probability"] <= 1
     assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")

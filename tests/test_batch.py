@@ -1,6 +1,7 @@
 """Several files at once: one row per file, refusals included, through the page and the API."""
 import re
 
+import numpy as np
 import pytest
 
 from harness.dicom_files import make_dicom, twelve_bit
@@ -32,7 +33,8 @@ def test_batch_page_is_a_table_sorted_by_probability(uploads):
     values = [float(v) for v in re.findall(r'data-value="([-\d.e]+)"', html)]
     assert len(values) == 4 and values[-1] == -1  # the refusal sorts last
     assert values[:3] == sorted(values[:3], reverse=True)
-    assert "notes.txt" in html and "refused" in html and 'class="metrics sortable"' in html
+    assert "notes.txt" in html and "not read" in html and 'class="metrics sortable batch"' in html
+    assert 'aria-sort="descending">Probability of pneumonia' in html  # as the server sorted it
 
 
 def test_batch_file_count_limit(make_app):
@@ -63,3 +65,15 @@ def test_a_raw_body_over_the_size_limit_is_413(make_app):
     client = make_app(MAX_CONTENT_LENGTH=50_000).test_client()
     response = client.post("/api/v1/predict", data=b"\xff" * 60_000, content_type="image/jpeg")
     assert response.status_code == 413 and "limit" in response.get_json()["error"]
+
+
+def test_a_refused_noise_image_shows_no_probability_on_its_page_or_its_batch_row(uploads):
+    noise = encode(np.random.default_rng(5).integers(0, 256, (400, 400), dtype=np.uint8), ".png")
+    body = uploads.api(noise).get_json()
+    assert body["in_distribution"] is False and 0 <= body["probability"] <= 1  # kept for research, in the API
+    number = f"{100 * body['probability']:.1f}%"
+    page = uploads.form(noise).get_data(as_text=True)
+    assert 'id="no-probability"' in page and 'id="probability"' not in page and number not in page
+    rows = uploads.batch_form([(noise, "noise.png"), (XRAY, "x.png")]).get_data(as_text=True).split("<tr")[2:]
+    noise_row = next(row for row in rows if "noise.png" in row)
+    assert 'class="outside"' in noise_row and "%" not in noise_row

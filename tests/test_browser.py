@@ -1,52 +1,9 @@
 """End to end in real headless Chromium (Debian's chromium + chromium-driver)."""
-import os
-import shutil
-import threading
 from urllib.parse import urlparse
 
 import pytest
-from werkzeug.serving import make_server
-
-from app import create_app
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def live_server():
-    app = create_app({"SECRET_KEY": "browser-test"})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if not (CHROMIUM and CHROMEDRIVER):
-        message = "headless Chromium not installed (Debian packages chromium and chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI requires it")
-        pytest.skip(message)
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager reach the network
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 def resource_origins(driver) -> set[str]:
@@ -126,6 +83,7 @@ def test_analysis_page_renders_the_bokeh_plot(browser, live_server):
 def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_data, tmp_path):
     import cv2
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -147,11 +105,13 @@ def test_batch_and_dicom_uploads_through_the_forms(browser, live_server, real_da
     rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
     names = [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows]
     assert sorted(names) == sorted([films[0].name, films[1].name, "broken.jpg", "study.dcm"])
-    assert names[-1] == "broken.jpg" and "refused" in rows[-1].text
-    header = table.find_elements(By.TAG_NAME, "th")[1]
-    header.click()  # re-sort ascending by probability: the refusal (-1) comes first
+    assert names[-1] == "broken.jpg" and "not read" in rows[-1].text
+    header = table.find_elements(By.TAG_NAME, "th")[2]
+    assert header.get_attribute("aria-sort") == "descending"  # as the server sent it
+    header.find_element(By.TAG_NAME, "button").send_keys(Keys.ENTER)  # from the keyboard: ascending
     first = table.find_elements(By.CSS_SELECTOR, "tbody tr")[0].find_elements(By.TAG_NAME, "td")[0].text
-    assert first == "broken.jpg"
+    assert first == "broken.jpg" and header.get_attribute("aria-sort") == "ascending"
+    assert [th.get_attribute("aria-sort") for th in table.find_elements(By.TAG_NAME, "th")].count(None) == 3
     assert severe_console_messages(browser) == []
 
     browser.get(live_server + "/")

@@ -50,9 +50,9 @@ PERTURBATIONS: dict[str, tuple] = {
     "shifted -8% (left, up)": (0.0, (-0.08, -0.08), 1.0),
     "zoomed in 10%": (0.0, (0.0, 0.0), 1.1),
     "zoomed out 10%": (0.0, (0.0, 0.0), 0.9),
-    "taller 8% (a wider film)": (0.0, (0.0, 0.0), 1.0, 1.08),
-    "narrower 8% (a wider film)": (0.0, (0.0, 0.0), 1 / 1.08, 1.08),
-    "shorter 8% (a narrower film)": (0.0, (0.0, 0.0), 1.0, 1 / 1.08),
+    "stretched 8% taller (as a film 8% wider)": (0.0, (0.0, 0.0), 1.0, 1.08),
+    "squeezed 8% narrower (as a film 8% wider)": (0.0, (0.0, 0.0), 1 / 1.08, 1.08),
+    "squeezed 8% shorter (as a film 8% narrower)": (0.0, (0.0, 0.0), 1.0, 1 / 1.08),
 }
 
 

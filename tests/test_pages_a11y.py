@@ -1,0 +1,141 @@
+"""The pages a clinician uses, on a phone (390 x 844) and a laptop (1280 x 800), in headless
+Chromium: nothing scrolls sideways, and axe-core (the npm package, injected by the test)
+finds no violation of impact serious or critical."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.images import encode
+from model.settings import REPO_ROOT
+
+pytestmark = pytest.mark.browser
+
+AXE = REPO_ROOT / "node_modules" / "axe-core" / "axe.min.js"
+VIEWPORTS = {"phone": (390, 844), "laptop": (1280, 800)}
+PAGES = ("upload", "result", "refusal", "batch of 8", "model card", "analysis")
+
+
+@pytest.fixture(scope="module")
+def axe_source() -> str:
+    if not AXE.is_file():
+        message = f"axe-core not installed at {AXE} (make test runs npm ci)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI requires it")
+        pytest.skip(message)
+    return AXE.read_text()
+
+
+@pytest.fixture(scope="module")
+def films(real_data, tmp_path_factory) -> dict[str, list[Path]]:
+    noise = tmp_path_factory.mktemp("films") / "noise.png"
+    noise.write_bytes(encode(np.random.default_rng(31).integers(0, 256, (400, 400), dtype=np.uint8), ".png"))
+    test = real_data / "test"
+    batch = sorted((test / "PNEUMONIA").iterdir())[:4] + sorted((test / "NORMAL").iterdir())[:3] + [noise]
+    return {"result": [sorted((test / "PNEUMONIA").iterdir())[0]], "refusal": [noise], "batch of 8": batch}
+
+
+def open_page(browser, base: str, page: str, films: dict) -> None:
+    from selenium.webdriver.common.by import By
+
+    paths = {"upload": "/", "model card": "/model", "analysis": "/analysis"}
+    if page in paths:
+        browser.get(base + paths[page])
+        return
+    browser.get(base + "/")
+    field, button = ("images", "submit-batch") if page == "batch of 8" else ("image", "submit")
+    browser.find_element(By.ID, field).send_keys("\n".join(str(p) for p in films[page]))
+    browser.find_element(By.ID, button).click()
+    browser.find_element(By.TAG_NAME, "h1")  # the next page has loaded
+
+
+def settle(browser) -> None:
+    """Wait until the page's scripts (BokehJS) have laid it out."""
+    browser.execute_async_script("const done = arguments[0]; setTimeout(done, 800);")
+
+
+@pytest.mark.parametrize("viewport", VIEWPORTS)
+@pytest.mark.parametrize("page", PAGES)
+def test_no_page_scrolls_sideways_and_axe_finds_nothing_serious(browser, live_server, films, axe_source,
+                                                                page, viewport):
+    width, height = VIEWPORTS[viewport]
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": viewport == "phone"})
+    try:
+        open_page(browser, live_server, page, films)
+        settle(browser)
+        scroll, inner = browser.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth];")
+        assert scroll <= inner, f"{page} is {scroll} px wide on a {inner} px screen"
+        browser.execute_script(axe_source)
+        violations = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations));")
+        serious = [f"{v['id']} ({v['impact']}): {[n['target'] for n in v['nodes']][:3]}"
+                   for v in violations if v["impact"] in ("serious", "critical")]
+        assert serious == []
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+#: The focused element (inside shadow roots too) and whether it, or the shadow host around it
+#: that takes its outline (a Bokeh canvas), shows an outline of at least 2 px.
+FOCUSED = """
+let element = document.activeElement;
+while (element && element.shadowRoot && element.shadowRoot.activeElement) {
+  element = element.shadowRoot.activeElement;
+}
+const marked = (e) => {
+  const s = getComputedStyle(e);
+  return s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2;
+};
+let visible = marked(element), host = element.getRootNode().host;
+while (!visible && host) { visible = marked(host); host = host.getRootNode().host; }
+return [element.tagName + (element.id ? '#' + element.id : '') + '.' + element.className, visible];
+"""
+
+
+@pytest.mark.parametrize("page", ["upload", "batch of 8", "analysis"])
+def test_the_keyboard_reaches_a_skip_link_first_and_every_stop_shows_its_focus(browser, live_server, films, page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, live_server, page, films)
+    settle(browser)
+    browser.execute_script("document.activeElement.blur(); window.focus();")
+    stops = []
+    for _ in range(25):
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        stops.append(browser.execute_script(FOCUSED))
+    assert stops[0][0].startswith("A.skip-link")
+    unmarked = [name for name, visible in stops if not visible and not name.startswith("BODY")]
+    assert unmarked == [], stops
+    if page == "batch of 8":  # the sort buttons are among the stops
+        assert any(name.startswith("BUTTON.sort") for name, _ in stops)
+
+
+def test_the_skip_link_moves_the_focus_to_the_content(browser, live_server):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(live_server + "/")
+    browser.execute_script("document.activeElement.blur();")
+    ActionChains(browser).send_keys(Keys.TAB).send_keys(Keys.ENTER).perform()
+    assert browser.execute_script("return document.activeElement.id") == "main"
+
+
+def test_without_javascript_script_only_parts_say_so_or_are_absent(browser_without_javascript, live_server, films):
+    from selenium.webdriver.common.by import By
+
+    browser = browser_without_javascript
+    browser.get(live_server + "/analysis")
+    assert browser.find_element(By.ID, "needs-javascript").is_displayed()
+    assert not browser.find_element(By.CSS_SELECTOR, ".tsne").is_displayed()
+    open_page(browser, live_server, "batch of 8", films)
+    assert "heading button sorts" not in browser.find_element(By.TAG_NAME, "main").text
+    assert browser.find_elements(By.CSS_SELECTOR, "th button") == []  # plain headings, the server's order
+    open_page(browser, live_server, "result", films)
+    assert browser.find_element(By.ID, "probability").is_displayed()
+    assert not browser.find_element(By.ID, "film-map").is_displayed()  # the film is in population: it has a map
+    assert "needs JavaScript" in browser.find_element(By.ID, "similar").text
