@@ -10,10 +10,12 @@ import secrets
 import time
 from pathlib import Path
 
+import click
 from flask import Flask, g, request
 
-from . import analysis, api, pages, serving
+from . import analysis, api, monitor, pages, serving, worklist
 from . import config as app_config
+from .cases import CaseRecord
 from .errors import register_error_handlers
 from .security import SessionCookies, csrf, set_security_headers
 from .uploads import InMemoryRequest
@@ -34,11 +36,12 @@ def create_app(config: dict | None = None) -> Flask:
         app.config["SECRET_KEY"] = secrets.token_hex(32)
 
     serving.init_app(app)
+    init_case_record(app)
     csrf.init_app(app)
-    app.register_blueprint(pages.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(analysis.bp)
-    csrf.exempt(api.bp)
+    for blueprint in (pages.bp, api.bp, analysis.bp, worklist.bp, worklist.api, monitor.bp, monitor.api):
+        app.register_blueprint(blueprint)
+    for blueprint in (api.bp, worklist.api, monitor.api):
+        csrf.exempt(blueprint)
     register_error_handlers(app)
     app.after_request(set_security_headers)
 
@@ -62,3 +65,22 @@ def create_app(config: dict | None = None) -> Flask:
         return response
 
     return app
+
+
+def init_case_record(app: Flask) -> None:
+    """The case record, its schema brought up to date; a database that cannot be reached now
+    leaves the app serving, the record degraded, and is asked again on the next write."""
+    record = CaseRecord(app.config["DATABASE_URL"])
+    try:
+        record.migrate()
+    except Exception as exc:  # noqa: BLE001 - any driver's failure: the app serves without its record
+        record._failed(exc)
+    app.extensions["cases"] = record
+
+    @app.cli.command("prune-cases")
+    @click.option("--older-than-days", type=float, required=True, help="delete cases older than this")
+    def prune_cases(older_than_days: float) -> None:
+        """Delete cases (and their overreads) older than N days; the count goes to the log."""
+        removed = record.prune(older_than_days)
+        log.warning("pruned %d cases older than %g days from the case record", removed, older_than_days)
+        click.echo(f"deleted {removed} cases older than {older_than_days:g} days")

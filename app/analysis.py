@@ -9,16 +9,22 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+from bokeh.embed import components
 from bokeh.resources import Resources
 from bokeh.util.paths import bokehjs_path
 from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from model import TsneMapError
+from model.neighbours import NeighbourIndex
 
+from .cases import Case
 from .security import content_security_policy
 from .serving import get_predictor, tsne_map_path
 from .thumbnails import dataset_file, thumbnail_jpeg
-from .tsne_plot import placement_item, plot_components
+from .tsne_plot import cases_figure, placement_item, plot_components
 
 bp = Blueprint("analysis", __name__)
 
@@ -43,6 +49,7 @@ def analysis():
         return render_template("analysis.html", plot=None, problem=str(exc))
     nonce = secrets.token_urlsafe(16)
     current_version = get_predictor().version
+    recent = recent_cases_plot(tsne_map, current_version)
     summary = {
         "points": len(tsne_map),
         "wrong": int((~tsne_map.correct).sum()),
@@ -52,6 +59,7 @@ def analysis():
     html = render_template(
         "analysis.html",
         plot={"script": script.replace("<script", f'<script nonce="{nonce}"', 1), "div": div},
+        recent=recent and {"script": recent[0].replace("<script", f'<script nonce="{nonce}"', 1), "div": recent[1]},
         bokeh_js=bokeh_js_files(),
         summary=summary,
         stale=summary["version"] != current_version,
@@ -61,6 +69,29 @@ def analysis():
     response = Response(html)
     response.headers["Content-Security-Policy"] = content_security_policy(script_nonce=nonce, inline_styles=True)
     return response
+
+
+RECENT_CASES = 500
+
+
+def recent_cases_plot(tsne_map, version: str) -> tuple[str, str] | None:
+    """(script, div) of the last cases within the intended use on the learned-features map;
+    None without such cases, or when the map is another version's (its places would be wrong)."""
+    if tsne_map.checkpoint_version != version or tsne_map.features is None:
+        return None
+    query = (select(Case.features, Case.overread).where(Case.model_version == version, Case.decision.is_not(None),
+                                                        Case.features.is_not(None))
+             .order_by(Case.created_at.desc()).limit(RECENT_CASES))
+    try:
+        with Session(current_app.extensions["cases"].engine) as session:
+            rows = session.execute(query).all()
+    except Exception:  # noqa: BLE001 - the record being down costs the page this map, nothing else
+        return None
+    if not rows:
+        return None
+    features = np.stack([np.frombuffer(blob, np.float16).astype(np.float32) for blob, _ in rows])
+    xy = NeighbourIndex(tsne_map).place(features)
+    return components(cases_figure(tsne_map, xy, [read or "awaiting" for _, read in rows]))
 
 
 @bp.get("/analysis/film-map/<version>.json")

@@ -13,6 +13,7 @@ from .errors import status_for
 from .render import saliency_png
 from .serving import get_predictor, neighbour_index
 from .uploads import form_value, predict_each, read_age, read_batch_upload, read_single_upload
+from .worklist import record_case
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -70,9 +71,9 @@ def predict():
     """One file (multipart ``image`` or the raw body; optionally ``age_years``) -> probability, decision, gate;
     with ``?neighbours=K`` also the K nearest training films."""
     k = wanted_neighbours()
-    prediction = get_predictor().predict(read_single_upload(request), saliency=wants_saliency(),
-                                         age_years=read_age(request))
-    body = prediction_json(prediction)
+    data, age = read_single_upload(request), read_age(request)
+    prediction = get_predictor().predict(data, saliency=wants_saliency(), age_years=age)
+    body = {"case_id": record_case(data, prediction, "api", age), **prediction_json(prediction)}
     if k is not None:
         body.update(neighbours_json(prediction, k))
     return jsonify(body)
@@ -85,10 +86,11 @@ def predict_batch():
     files = read_batch_upload(request, current_app.config["MAX_BATCH_FILES"])
     age = read_age(request)
     results = [
-        {"filename": row["name"], **prediction_json(row["prediction"])}
+        {"filename": row["name"], "case_id": record_case(data, row["prediction"], "api", age),
+         **prediction_json(row["prediction"])}
         if "prediction" in row
         else {"filename": row["name"], "error": str(row["error"]), "status": status_for(row["error"])}
-        for row in predict_each(predictor, files, age)
+        for (_, data), row in zip(files, predict_each(predictor, files, age))
     ]
     return jsonify(results=results, threshold=round(predictor.threshold, 6), model_version=predictor.version)
 

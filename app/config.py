@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from model.settings import MAX_IMAGE_PIXELS, data_dir, model_store_dir
+from model.settings import MAX_IMAGE_PIXELS, REPO_ROOT, data_dir, model_store_dir
 
 
 class ConfigError(ValueError):
@@ -50,6 +50,10 @@ def from_environment() -> dict:
         "MAX_REQUEST_PIXELS": int(float(env.get("MAX_REQUEST_MEGAPIXELS", "120")) * 1_000_000),
         "REQUEST_BUDGET_S": request_budget_s(),
         "SECRET_KEY": env.get("SECRET_KEY"),
+        # The case record (app/cases.py): a SQLite file by default, any SQLAlchemy URL.
+        "DATABASE_URL": env.get("DATABASE_URL") or f"sqlite:///{REPO_ROOT / 'instance' / 'cases.sqlite3'}",
+        # A header the hospital's authenticating proxy sets to the user's name; unset: no user is recorded.
+        "TRUSTED_USER_HEADER": env.get("TRUSTED_USER_HEADER") or None,
         "CLINIC_PREVALENCE": clinic_prevalence(),
         "SESSION_COOKIE_SAMESITE": "Lax",  # and Secure whenever the request came over HTTPS (security.py)
         "WTF_CSRF_TIME_LIMIT": None,  # a clinician may leave the upload page open all shift

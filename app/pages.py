@@ -17,6 +17,7 @@ from .security import content_security_policy
 from .serving import get_predictor, neighbour_index
 from .thumbnails import dataset_file
 from .uploads import predict_each, read_age, read_batch_upload, read_single_upload, upload_name
+from .worklist import record_case
 
 bp = Blueprint("pages", __name__)
 
@@ -49,11 +50,14 @@ def index():
 @bp.post("/predict")
 def predict():
     predictor = get_predictor()
-    prediction = predictor.predict(read_single_upload(request), saliency=True, age_years=read_age(request))
+    data, age = read_single_upload(request), read_age(request)
+    prediction = predictor.predict(data, saliency=True, age_years=age)
+    case_id = record_case(data, prediction, "page", age)
     similar = similar_films(prediction) if prediction.in_distribution else None
     html = render_template(
         "result.html",
         prediction=prediction,
+        case_id=case_id,
         filename=upload_name(request),
         percent=100 * shown_probability(prediction.probability),
         input_uri=png_data_uri(prediction.model_input),
@@ -106,7 +110,10 @@ def similar_films(prediction) -> dict:
 def predict_batch():
     predictor = get_predictor()
     files = read_batch_upload(request, current_app.config["MAX_BATCH_FILES"])
-    rows = predict_each(predictor, files, read_age(request))
+    age = read_age(request)
+    rows = predict_each(predictor, files, age)
+    for (_, data), row in zip(files, rows):
+        row["case_id"] = record_case(data, row["prediction"], "batch", age) if "prediction" in row else None
     rows.sort(key=batch_order)
     return render_template("batch.html", rows=rows, model=predictor.checkpoint)
 
@@ -117,6 +124,12 @@ def batch_order(row: dict) -> float:
     if prediction is None:
         return 3.0
     return -prediction.probability if prediction.in_distribution else 2.0
+
+
+@bp.get("/favicon.ico")
+def favicon():
+    """Browsers ask for it on pages without a <link rel="icon"> (the JSON answers)."""
+    return redirect(url_for("static", filename="favicon.svg"), code=301)
 
 
 @bp.get("/predict")
@@ -188,8 +201,12 @@ def healthz():
     predictor = get_predictor()
     loaded = predictor.works
     problem = current_app.extensions["model"].problem
-    status = "unavailable" if not loaded else "degraded" if problem else "ok"
-    body = {"status": status, "model_loaded": loaded, "model_version": predictor.version}
+    record_problem = current_app.extensions["cases"].health()
+    status = "unavailable" if not loaded else "degraded" if problem or record_problem else "ok"
+    body = {"status": status, "model_loaded": loaded, "model_version": predictor.version,
+            "record": "degraded" if record_problem else "ok"}
     if problem:
         body["problem"] = problem
+    if record_problem:
+        body["record_problem"] = record_problem
     return jsonify(body), 200 if loaded else 503

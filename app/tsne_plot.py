@@ -113,6 +113,33 @@ def _cached_components(path: str, mtime_ns: int | None, thumbnail_url: str | Non
     return script, div, tsne_map
 
 
+#: Recent cases on the map, by the clinician's read.
+READ_COLORS = {"pneumonia": "#d03b30", "normal": "#2e9e4f", "uncertain": "#e08a00", "awaiting": "#ffffff"}
+
+
+def cases_figure(tsne_map: TsneMap, xy: np.ndarray, reads: list[str]):
+    """The training split's learned features in gray, and recent cases on them (placed as the
+    result page places its star), coloured by the clinician's read."""
+    train = tsne_map.split == "train"
+    plot = figure(title=f"The last {len(reads)} cases on the training films' learned-features map",
+                  width=620, height=560, sizing_mode="scale_width", tools="pan,wheel_zoom,reset",
+                  active_scroll="wheel_zoom")
+    plot.scatter(tsne_map.feature_xy[train, 0], tsne_map.feature_xy[train, 1], size=4, color="#c9cfd6",
+                 alpha=0.5, legend_label="training films")
+    for read, color in READ_COLORS.items():
+        chosen = [i for i, r in enumerate(reads) if r == read]
+        if chosen:
+            plot.scatter(xy[chosen, 0], xy[chosen, 1], size=9, fill_color=color, line_color="#111111",
+                         legend_label=f"read {read}" if read != "awaiting" else "awaiting a read")
+    legend_below(plot)
+    plot.legend.click_policy = "hide"
+    plot.axis.visible = False
+    plot.grid.visible = False
+    plot.toolbar.logo = None
+    keyboard_visible(plot, plot.toolbar)
+    return plot
+
+
 UPLOAD_SOURCE = "upload"  # the marker's data source, filled in the browser by static/place.js
 
 

@@ -61,6 +61,13 @@ class NeighbourIndex:
         squared = self.squared_norms - 2 * self.features @ query + query @ query
         return np.sqrt(np.maximum(squared, 0))
 
+    def place(self, features: np.ndarray) -> np.ndarray:
+        """(N, C) raw features -> (N, 2): where each film sits on the map, as ``nearest`` places
+        one (at its nearest training film)."""
+        queries = self.standardise(np.atleast_2d(features))
+        partial = self.squared_norms[None, :] - 2 * (queries @ self.features.T)
+        return self.positions[np.argmin(partial, axis=1)]
+
     def nearest(self, features: np.ndarray, k: int) -> tuple[list[Neighbour], int, tuple[float, float]]:
         """The k nearest training films, how many of the nearest ``COUNT_K`` have pneumonia,
         and the film's (x, y) on the map."""

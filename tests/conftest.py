@@ -24,6 +24,14 @@ def model_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def case_database(tmp_path_factory) -> str:
+    """Every test and every server a test starts records its cases in a database of its own."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('cases') / 'cases.sqlite3'}"
+    os.environ["DATABASE_URL"] = url
+    return url
+
+
+@pytest.fixture(scope="session", autouse=True)
 def generated_adult_films(tmp_path_factory) -> Path:
     """Training runs in tests fit their population gate on a few generated films, not the real ones."""
     root = make_adult_films(tmp_path_factory.mktemp("adult_cxr"))

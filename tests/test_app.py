@@ -95,7 +95,8 @@ def test_analysis_page_shows_the_bundled_map_of_the_bundled_model(client, app):
 
 def test_healthz(client, app):
     body = client.get("/healthz").get_json()
-    assert body == {"status": "ok", "model_loaded": True, "model_version": app.extensions["model"].predictor.version}
+    assert body == {"status": "ok", "model_loaded": True, "model_version": app.extensions["model"].predictor.version,
+                    "record": "ok"}
 
 
 def test_healthz_reports_a_model_that_gives_no_finite_answer(make_app):
@@ -121,7 +122,7 @@ def test_api_predict_answers_the_documented_fields(app, uploads, pediatric_film)
     body = response.get_json()
     assert response.status_code == 200
     assert set(body) == {"probability", "label", "threshold", "model_version", "in_distribution", "ood_score",
-                         "population_reasons", "calibration_prevalence"}
+                         "population_reasons", "calibration_prevalence", "case_id"}
     validation = app.extensions["model"].predictor.checkpoint.training_data["validation"]
     assert body["calibration_prevalence"] == validation["pneumonia"] / validation["images"]
     assert body["in_distribution"] is True and body["population_reasons"] == []

@@ -152,3 +152,37 @@ def test_the_result_page_shows_similar_films_and_places_this_one_on_the_map(brow
     assert len(browser.execute_script(FIND_CANVASES)) >= 1
     assert severe_console_messages(browser) == []
     assert resource_origins(browser) == {live_server}
+
+
+def test_an_overread_in_one_click_shows_on_the_worklist_and_in_the_agreement(browser, live_server, pediatric_film,
+                                                                           tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    film = tmp_path / "film.jpeg"
+    film.write_bytes(pediatric_film)
+
+    def agreed() -> int:
+        browser.get(live_server + "/api/v1/monitor")
+        import json
+
+        return json.loads(browser.find_element(By.TAG_NAME, "body").text)["agreement"]["overreads"]
+
+    before = agreed()
+    browser.get(live_server + "/")
+    browser.find_element(By.ID, "image").send_keys(str(film))
+    browser.find_element(By.ID, "submit").click()
+    case_link = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.CSS_SELECTOR, "#case-id a"))
+    case_id = case_link.text
+    decision = browser.find_element(By.ID, "decision").text
+    read = "read-pneumonia" if "PNEUMONIA" in decision else "read-normal"
+    browser.find_element(By.ID, read).click()  # the one click: the read is kept, the case page shows it
+    history = WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "overread-history"))
+    assert read.removeprefix("read-") in history.text
+    browser.get(live_server + "/cases")
+    row = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#cases-table tbody tr") if case_id[:8] in r.text)
+    assert read.removeprefix("read-") in row.text
+    assert agreed() == before + 1
+    browser.get(live_server + "/monitor")
+    assert browser.find_element(By.ID, "agreement-table").is_displayed()
+    assert severe_console_messages(browser) == []

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.browser
 
 AXE = REPO_ROOT / "node_modules" / "axe-core" / "axe.min.js"
 VIEWPORTS = {"phone": (390, 844), "laptop": (1280, 800)}
-PAGES = ("upload", "result", "refusal", "batch of 8", "model card", "analysis")
+PAGES = ("upload", "result", "refusal", "batch of 8", "model card", "analysis", "cases", "monitor")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def films(real_data, tmp_path_factory) -> dict[str, list[Path]]:
 def open_page(browser, base: str, page: str, films: dict) -> None:
     from selenium.webdriver.common.by import By
 
-    paths = {"upload": "/", "model card": "/model", "analysis": "/analysis"}
+    paths = {"upload": "/", "model card": "/model", "analysis": "/analysis", "cases": "/cases", "monitor": "/monitor"}
     if page in paths:
         browser.get(base + paths[page])
         return

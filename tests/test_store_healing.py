@@ -21,6 +21,7 @@ from training import store as store_command
 XRAY = encode(synthetic_xray(400, 320), ".png")
 BUNDLED = load_checkpoint(DEFAULT_CHECKPOINT).version
 COPY = "stn-cnn-copy-of-bundled"
+HEALTHY = {"status": "ok", "model_loaded": True, "model_version": COPY, "record": "ok"}
 
 
 def run_models(store, *argv) -> int:
@@ -127,7 +128,7 @@ def test_an_app_whose_pointer_breaks_keeps_answering_says_degraded_and_heals(mak
     assert client.get("/healthz").get_json()["status"] == "degraded"
     assert run_models(store.root, "repair") == 0
     served.refresh()
-    assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": True, "model_version": COPY}
+    assert client.get("/healthz").get_json() == HEALTHY
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
@@ -159,7 +160,7 @@ def test_a_read_only_store_serves(make_app, store, monkeypatch):
     monkeypatch.setattr(model.store, "FileLock", read_only)
     monkeypatch.setattr(model.store, "atomic_write", read_only)
     client = make_app(MODEL_STORE=str(store.root)).test_client()
-    assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": True, "model_version": COPY}
+    assert client.get("/healthz").get_json() == HEALTHY
 
 
 def test_an_app_started_on_a_broken_pointer_serves_the_bundled_model_and_says_so(make_app, store):
@@ -169,8 +170,7 @@ def test_an_app_started_on_a_broken_pointer_serves_the_bundled_model_and_says_so
     assert body["status"] == "degraded" and body["model_version"] == BUNDLED
     assert run_models(store.root, "repair") == 0
     app.extensions["model"].refresh()
-    assert app.test_client().get("/healthz").get_json() == {"status": "ok", "model_loaded": True,
-                                                           "model_version": COPY}
+    assert app.test_client().get("/healthz").get_json() == HEALTHY
 
 
 @pytest.mark.slow

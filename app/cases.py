@@ -1,0 +1,292 @@
+"""The case record: every answer the app gives, the clinician's overread of it, and what
+monitoring reads back.
+
+One row a prediction (page, API, batch row; films refused as outside the intended use
+included; a file that could not be read is no prediction and leaves no row): an
+unguessable ``case_id``, when, the model version, where it came from, the file's kind and
+SHA-256, the probability, threshold and decision or the reasons it got none, the gate's
+score, the learned features (float16, for drift and the map), the age if given and the
+user a trusted proxy names. Never pixels, file names or DICOM header values.
+
+The database is any SQLAlchemy URL (``DATABASE_URL``): a SQLite file under ``instance/``
+by default, PostgreSQL where several servers share one. Its schema is Alembic's
+(``app/migrations``), brought up to date at start-up. A database that is down or full
+never fails a prediction: ``record`` returns None, the page says the answer was not
+recorded, ``/healthz`` says the record is degraded, and the next write tries again.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+
+log = logging.getLogger("app")
+
+READS = ("pneumonia", "normal", "uncertain")
+SOURCES = ("page", "api", "batch")
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: How long after a failed write the record waits before trying the database again.
+RETRY_S = 2.0
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Case(Base):
+    __tablename__ = "cases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[str] = mapped_column(String(32), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    model_version: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(8))
+    file_kind: Mapped[str] = mapped_column(String(8))
+    input_sha256: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    decision: Mapped[str | None] = mapped_column(String(16))  # PNEUMONIA, NORMAL; None when refused
+    refusal: Mapped[str | None] = mapped_column(String(64))  # the checks that refused it: "image", "age"...
+    gate_score: Mapped[float | None] = mapped_column(Float)
+    features: Mapped[bytes | None] = mapped_column(LargeBinary)
+    age_years: Mapped[float | None] = mapped_column(Float)
+    user: Mapped[str | None] = mapped_column(String(128))
+    overread: Mapped[str | None] = mapped_column(String(16))  # the latest overread, for the worklist's filters
+    overreads: Mapped[list[Overread]] = relationship(back_populates="case", order_by="Overread.id")
+
+    __table_args__ = (Index("ix_cases_version_created", "model_version", "created_at"),
+                      Index("ix_cases_created", "created_at"),
+                      Index("ix_cases_probability", "probability"),
+                      Index("ix_cases_overread_created", "overread", "created_at"),
+                      Index("ix_cases_version_overread", "model_version", "overread", "decision"))
+
+    @property
+    def refused(self) -> bool:
+        return self.decision is None
+
+
+class Overread(Base):
+    """A clinician's final read of a case; a change is a new row, never an update."""
+
+    __tablename__ = "overreads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_pk: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    read: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(String(500))
+    user: Mapped[str | None] = mapped_column(String(128))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    case: Mapped[Case] = relationship(back_populates="overreads")
+
+
+def file_kind(data: bytes) -> str:
+    """The upload's format from its first bytes (what the record keeps instead of its name)."""
+    from model.dicom import is_dicom
+
+    if is_dicom(data):
+        return "dicom"
+    for magic, kind in ((b"\xff\xd8", "jpeg"), (b"\x89PNG", "png"), (b"II*\0", "tiff"), (b"MM\0*", "tiff"),
+                        (b"BM", "bmp"), (b"GIF8", "gif")):
+        if data.startswith(magic):
+            return kind
+    return "webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "other"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one prediction answered, as the record keeps it."""
+
+    probability: float | None
+    threshold: float | None
+    decision: str | None
+    refusal: str | None
+    gate_score: float | None
+    features: np.ndarray | None
+
+    @classmethod
+    def of(cls, prediction) -> Answer:
+        reasons = ",".join(dict.fromkeys(r.check for r in prediction.population_reasons)) or None
+        return cls(prediction.probability, prediction.threshold, prediction.label, reasons, prediction.ood_score,
+                   prediction.features)
+
+
+class CaseRecord:
+    """The database of one app; safe to share between threads, and across a fork (each
+    process makes its own engine on first use)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.problem: str | None = None  # why the last write failed; None while writes succeed
+        self._engine = None
+        self._pid: int | None = None
+        self._migrated = False
+        self._retry_after = 0.0
+        self._lock = threading.Lock()
+
+    # ---- the database ---------------------------------------------------------------
+
+    @property
+    def engine(self):
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._engine = make_engine(self.url)
+                    self._pid = os.getpid()
+        return self._engine
+
+    def migrate(self) -> None:
+        """Bring the schema to Alembic's head (one process at a time on PostgreSQL)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(70032)")  # servers starting together
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        self._migrated = True
+
+    def _usable(self) -> bool:
+        """False while the database failed recently (it is asked again after ``RETRY_S``)."""
+        if self.problem is not None and time.monotonic() < self._retry_after:
+            return False
+        if not self._migrated:
+            self.migrate()
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        problem = f"the case record cannot be written ({type(exc).__name__})"
+        if problem != self.problem:
+            log.error("%s: %s", problem, str(exc).splitlines()[0][:200])
+        self.problem = problem
+        self._retry_after = time.monotonic() + RETRY_S
+
+    def _succeeded(self) -> None:
+        if self.problem is not None:
+            log.info("the case record is written again")
+        self.problem = None
+
+    def health(self) -> str | None:
+        """The record's problem, asked of the database again once ``RETRY_S`` has passed (so that
+        /healthz clears when the database is back, before the next case is written)."""
+        if self.problem is not None and time.monotonic() >= self._retry_after:
+            try:
+                self._usable()
+                with self.engine.connect() as connection:
+                    connection.exec_driver_sql("SELECT 1")
+            except Exception as exc:  # noqa: BLE001 - any driver's failure keeps the record degraded
+                self._failed(exc)
+            else:
+                self._succeeded()
+        return self.problem
+
+    # ---- writing --------------------------------------------------------------------
+
+    def record(self, data: bytes, answer: Answer, model_version: str, source: str, age_years: float | None,
+               user: str | None) -> str | None:
+        """Append one case; its ``case_id``, or None when the database could not take it."""
+        case_id = secrets.token_urlsafe(16)
+        row = {
+            "case_id": case_id, "created_at": dt.datetime.now(dt.UTC), "model_version": model_version,
+            "source": source, "file_kind": file_kind(data), "input_sha256": hashlib.sha256(data).hexdigest(),
+            "probability": answer.probability, "threshold": answer.threshold, "decision": answer.decision,
+            "refusal": answer.refusal, "gate_score": answer.gate_score, "age_years": age_years, "user": user,
+            "features": None if answer.features is None else np.asarray(answer.features, np.float16).tobytes(),
+            "overread": None,
+        }
+        try:
+            if not self._usable():
+                return None
+            # one statement, one round trip: no BEGIN or COMMIT around it
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(Case.__table__.insert(), row)
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the answer stands
+            self._failed(exc)
+            return None
+        self._succeeded()
+        return case_id
+
+    def add_overread(self, case_id: str, read: str, note: str | None, user: str | None) -> Case | None:
+        """Keep a clinician's read of a case (a new row each time); None for an unknown case."""
+        if read not in READS:
+            raise ValueError(f"the read must be one of {', '.join(READS)}, not {read[:20]!r}")
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            case = session.scalar(select(Case).where(Case.case_id == case_id))
+            if case is None:
+                return None
+            session.add(Overread(case_pk=case.id, read=read, note=(note or "").strip()[:500] or None, user=user,
+                                 at=dt.datetime.now(dt.UTC)))
+            case.overread = read
+        return self.case(case_id)
+
+    def prune(self, older_than_days: float) -> int:
+        """Delete cases older than this (their overreads with them); how many went."""
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=older_than_days)
+        with Session(self.engine) as session, session.begin():
+            old = select(Case.id).where(Case.created_at < cutoff)
+            session.execute(Overread.__table__.delete().where(Overread.case_pk.in_(old)))
+            return session.execute(Case.__table__.delete().where(Case.created_at < cutoff)).rowcount
+
+    # ---- reading --------------------------------------------------------------------
+
+    def case(self, case_id: str) -> Case | None:
+        query = select(Case).where(Case.case_id == case_id).options(selectinload(Case.overreads))
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.scalar(query)  # its overreads loaded with it: pages read them after the session
+
+    def count(self) -> int:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(Case))
+
+
+def make_engine(url: str):
+    """SQLite in WAL mode, so readers never wait for the writer. A pooled connection is not
+    checked before each use (that would cost every case a round trip): one that died in an
+    outage fails its write, SQLAlchemy drops the pool's stale connections, and the next
+    write after ``RETRY_S`` opens a fresh one."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 10})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_settings(connection, _):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a commit costs no fsync
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        # A commit does not wait for the server's disk (synchronous_commit off): a crash of the
+        # database server, not of the app, may lose its last fraction of a second of cases;
+        # nothing is ever half-written. It halves what recording adds to an answer.
+        arguments = {"connect_timeout": 3, "options": "-c synchronous_commit=off"}
+        return create_engine(url, pool_size=8, max_overflow=4, pool_timeout=5, connect_args=arguments)
+    return create_engine(url)

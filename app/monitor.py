@@ -1,0 +1,197 @@
+"""Drift and agreement for the serving version, from its recent cases: /monitor and
+GET /api/v1/monitor.
+
+- cases per day over the last ``WINDOW_DAYS``;
+- the share refused by the population gate over the last ``RECENT`` cases (and why),
+  against the test split's;
+- the population stability index of the probabilities of the last ``PSI_CASES`` films
+  within the intended use, against the test split's (from the version's t-SNE map);
+- agreement with the clinicians' overreads (sensitivity, specificity, PPV with Wilson 95%
+  intervals) against the model card's test figures.
+
+Alerts: the index past ``PSI_ALERT``; refusals at twice the test split's rate or more;
+sensitivity or specificity below the model card's 95% interval, over ``MIN_OVERREADS``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import secrets
+from functools import lru_cache
+
+import numpy as np
+from bokeh.embed import components
+from bokeh.layouts import row
+from bokeh.models import ColumnDataSource
+from bokeh.plotting import figure
+from flask import Blueprint, Response, current_app, jsonify, render_template
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from model import TsneMap, TsneMapError
+
+from .analysis import bokeh_js_files
+from .cases import Case
+from .security import content_security_policy
+from .serving import get_predictor, tsne_map_path
+from .tsne_plot import keyboard_visible
+
+bp = Blueprint("monitor", __name__)
+api = Blueprint("monitor_api", __name__, url_prefix="/api/v1")
+
+WINDOW_DAYS = 30
+RECENT = 200
+PSI_CASES = 5000
+PSI_ALERT = 0.2
+MIN_PSI_CASES = 100
+MIN_OVERREADS = 30
+
+
+def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
+    """Population stability index of ``actual`` against ``expected``, over ``expected``'s deciles."""
+    edges = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1)[1:-1]))
+    e = np.bincount(np.searchsorted(edges, expected, side="right"), minlength=len(edges) + 1) / len(expected)
+    a = np.bincount(np.searchsorted(edges, actual, side="right"), minlength=len(edges) + 1) / len(actual)
+    e, a = np.clip(e, 1e-4, None), np.clip(a, 1e-4, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@lru_cache(maxsize=2)
+def _test_probabilities(path: str, mtime_ns: int) -> tuple[str, np.ndarray]:
+    tsne_map = TsneMap.load(path)
+    return tsne_map.checkpoint_version, np.asarray(tsne_map.probability[tsne_map.split == "test"], np.float64)
+
+
+def test_probabilities(version: str) -> np.ndarray | None:
+    """The test split's probabilities under ``version`` (its t-SNE map holds them), or None."""
+    path = tsne_map_path(version)
+    try:
+        map_version, probabilities = _test_probabilities(str(path), path.stat().st_mtime_ns)
+    except (OSError, TsneMapError, ValueError):
+        return None
+    return probabilities if map_version == version else None
+
+
+def proportion(successes: int, n: int) -> dict:
+    return {"value": successes / n if n else None, "n": n, "interval": wilson(successes, n)}
+
+
+def figures(engine, version: str, checkpoint) -> dict:
+    """Everything /monitor shows, for ``version``."""
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=WINDOW_DAYS)
+    mine = Case.model_version == version
+    with Session(engine) as session:
+        day = func.date(Case.created_at)
+        per_day = [(str(d), n) for d, n in session.execute(
+            select(day, func.count()).where(mine, Case.created_at >= since).group_by(day).order_by(day))]
+        recent = session.execute(select(Case.decision, Case.refusal).where(mine)
+                                 .order_by(Case.created_at.desc()).limit(RECENT)).all()
+        probabilities = np.array(session.scalars(
+            select(Case.probability).where(mine, Case.decision.is_not(None))
+            .order_by(Case.created_at.desc()).limit(PSI_CASES)).all(), dtype=np.float64)
+        reads = session.execute(select(Case.decision, Case.overread, func.count())
+                                .where(mine, Case.decision.is_not(None), Case.overread.in_(("pneumonia", "normal")))
+                                .group_by(Case.decision, Case.overread)).all()
+    test = checkpoint.metrics.get("test", {})
+    refused = [reasons for decision, reasons in recent if decision is None]
+    why: dict[str, int] = {}
+    for reasons in refused:
+        for check in (reasons or "unknown").split(","):
+            why[check] = why.get(check, 0) + 1
+    refusal = {**proportion(len(refused), len(recent)), "why": why, "test_split": test.get("ood_flagged")}
+
+    reference = test_probabilities(version)
+    stability = {"value": None, "cases": len(probabilities), "reference": None if reference is None else len(reference)}
+    if reference is not None and len(probabilities) >= MIN_PSI_CASES:
+        stability["value"] = psi(reference, probabilities)
+
+    counts = {(decision, read): n for decision, read, n in reads}
+    tp, fn = counts.get(("PNEUMONIA", "pneumonia"), 0), counts.get(("NORMAL", "pneumonia"), 0)
+    tn, fp = counts.get(("NORMAL", "normal"), 0), counts.get(("PNEUMONIA", "normal"), 0)
+    card = checkpoint.metrics.get("site_shift", {}).get("as is", {}).get("intervals", {})
+    agreement = {
+        "overreads": tp + fn + tn + fp,
+        "sensitivity": {**proportion(tp, tp + fn), "model_card": test.get("sensitivity"),
+                        "model_card_interval": card.get("sensitivity")},
+        "specificity": {**proportion(tn, tn + fp), "model_card": test.get("specificity"),
+                        "model_card_interval": [1 - card["false_positive_rate"][1], 1 - card["false_positive_rate"][0]]
+                        if card.get("false_positive_rate") else None},
+        "ppv": proportion(tp, tp + fp),
+    }
+    return {"model_version": version, "window_days": WINDOW_DAYS, "cases_per_day": per_day, "refusal": refusal,
+            "stability": stability, "agreement": agreement,
+            "alerts": alerts(refusal, stability, agreement), "probabilities": probabilities, "reference": reference}
+
+
+def alerts(refusal: dict, stability: dict, agreement: dict) -> list[str]:
+    found = []
+    if stability["value"] is not None and stability["value"] > PSI_ALERT:
+        found.append(f"The probabilities of the last {stability['cases']} films have drifted from the test split's "
+                     f"(stability index {stability['value']:.2f} > {PSI_ALERT}): the films arriving differ from "
+                     "those the model was tested on.")
+    test_rate = refusal["test_split"]
+    if refusal["n"] >= RECENT and test_rate is not None and refusal["value"] >= 2 * max(test_rate, 0.01):
+        found.append(f"{refusal['value']:.0%} of the last {refusal['n']} films were refused as outside the intended "
+                     f"use, against {test_rate:.1%} of the test split: check what is being sent.")
+    for name in ("sensitivity", "specificity"):
+        figure_ = agreement[name]
+        interval = figure_["model_card_interval"]
+        if figure_["n"] >= MIN_OVERREADS and interval and figure_["value"] < interval[0]:
+            found.append(f"The {name} against the clinicians' overreads, {figure_['value']:.1%} over {figure_['n']} "
+                         f"films, is below the model card's 95% interval ({interval[0]:.1%}-{interval[1]:.1%}).")
+    return found
+
+
+def plots(found: dict) -> tuple[str, str]:
+    per_day_counts = found["cases_per_day"]
+    days = ColumnDataSource({"day": [d for d, _ in per_day_counts], "n": [n for _, n in per_day_counts]})
+    per_day = figure(x_range=days.data["day"] or ["-"], height=300, width=520, sizing_mode="scale_width",
+                     title="Cases a day", toolbar_location=None, tools="")
+    per_day.vbar(x="day", top="n", source=days, width=0.8, color="#1f5fa8")
+    per_day.xaxis.major_label_orientation = 0.9
+    spread = figure(height=300, width=520, sizing_mode="scale_width", toolbar_location=None, tools="",
+                    title="Probability of pneumonia: recent films against the test split", x_range=(0, 1))
+    edges = np.linspace(0, 1, 21)
+    for values, colour, label in ((found["reference"], "#888888", "test split"),
+                                  (found["probabilities"], "#d03b30", "recent films")):
+        if values is not None and len(values):
+            share = np.histogram(values, bins=edges)[0] / len(values)
+            spread.step(edges[:-1], share, mode="after", color=colour, line_width=2, legend_label=label)
+    if spread.legend:
+        spread.legend.location = "top_center"
+    keyboard_visible(per_day, spread)
+    return components(row(per_day, spread, sizing_mode="scale_width"))
+
+
+def current_figures() -> dict:
+    predictor = get_predictor()
+    return figures(current_app.extensions["cases"].engine, predictor.version, predictor.checkpoint)
+
+
+@bp.get("/monitor")
+def monitor():
+    found = current_figures()
+    script, div = plots(found)
+    nonce = secrets.token_urlsafe(16)
+    html = render_template("monitor.html", found=found, plot={"div": div,
+                           "script": script.replace("<script", f'<script nonce="{nonce}"', 1)},
+                           bokeh_js=bokeh_js_files(), psi_alert=PSI_ALERT, recent=RECENT)
+    response = Response(html)
+    response.headers["Content-Security-Policy"] = content_security_policy(script_nonce=nonce, inline_styles=True)
+    return response
+
+
+@api.get("/monitor")
+def monitor_api():
+    found = current_figures()
+    found.pop("probabilities"), found.pop("reference")
+    return jsonify(found)

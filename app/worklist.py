@@ -1,0 +1,179 @@
+"""The case record in the app: recording each answer, the clinician's overread, the worklist
+and its CSV export."""
+from __future__ import annotations
+
+import csv
+import io
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .cases import READS, Answer, Case, CaseRecord
+
+bp = Blueprint("cases", __name__)
+api = Blueprint("cases_api", __name__, url_prefix="/api/v1")
+
+PAGE_SIZE = 50
+FILTERS = {
+    "all": None,
+    "awaiting": Case.overread.is_(None) & Case.decision.is_not(None),
+    "pneumonia": Case.decision == "PNEUMONIA",
+    "normal": Case.decision == "NORMAL",
+    "refused": Case.decision.is_(None),
+}
+ORDERS = {"newest": (Case.created_at.desc(), Case.id.desc()),
+          "suspicious": (Case.probability.desc(), Case.id.desc())}
+
+
+def case_record() -> CaseRecord:
+    return current_app.extensions["cases"]
+
+
+def current_user() -> str | None:
+    """The user the hospital's authenticating proxy names in ``TRUSTED_USER_HEADER``; trusted
+    only behind that proxy, which must set the header itself on every request."""
+    header = current_app.config.get("TRUSTED_USER_HEADER")
+    return (request.headers.get(header) or "").strip()[:128] or None if header else None
+
+
+def record_case(data: bytes, prediction, source: str, age_years: float | None) -> str | None:
+    """Append the case of one prediction; its id, or None when the record could not take it."""
+    return case_record().record(data, Answer.of(prediction), prediction_version(), source, age_years,
+                                current_user())
+
+
+def prediction_version() -> str:
+    from .serving import get_predictor
+
+    return get_predictor().version
+
+
+# ---- overread -----------------------------------------------------------------------
+
+
+def read_overread(form) -> tuple[str, str | None]:
+    read = form.get("read")
+    read = read.strip().lower() if isinstance(read, str) else ""
+    if read not in READS:
+        abort(400, f"The read must be one of {', '.join(READS)}.")
+    note = form.get("note")
+    if note is not None and not isinstance(note, str):
+        abort(400, "The note must be text.")
+    return read, note
+
+
+@bp.post("/cases/<case_id>/overread")
+def overread(case_id: str):
+    read, note = read_overread(request.form)
+    if case_record().add_overread(case_id, read, note, current_user()) is None:
+        abort(404, "There is no such case.")
+    return redirect(url_for("cases.case_page", case_id=case_id))
+
+
+@api.post("/cases/<case_id>/overread")
+def overread_api(case_id: str):
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, 'Send a JSON object: {"read": "pneumonia" | "normal" | "uncertain", "note": "..."}.')
+    read, note = read_overread(body)
+    case = case_record().add_overread(case_id, read, note, current_user())
+    if case is None:
+        abort(404, "There is no such case.")
+    return jsonify(case_json(case))
+
+
+@api.get("/cases/<case_id>")
+def case_api(case_id: str):
+    case = case_record().case(case_id)
+    if case is None:
+        abort(404, "There is no such case.")
+    return jsonify(case_json(case))
+
+
+def case_json(case: Case) -> dict:
+    return {
+        "case_id": case.case_id, "created_at": case.created_at.isoformat(), "model_version": case.model_version,
+        "source": case.source, "file_kind": case.file_kind, "probability": case.probability,
+        "threshold": case.threshold, "decision": case.decision,
+        "refusal": case.refusal.split(",") if case.refusal else [], "age_years": case.age_years,
+        "overreads": [{"read": o.read, "note": o.note, "user": o.user, "at": o.at.isoformat()} for o in case.overreads],
+    }
+
+
+# ---- the worklist -------------------------------------------------------------------
+
+
+@bp.get("/cases/<case_id>")
+def case_page(case_id: str):
+    case = case_record().case(case_id)
+    if case is None:
+        abort(404, "There is no such case.")
+    return render_template("case.html", case=case, reads=READS)
+
+
+def chosen(name: str, options: dict) -> str:
+    value = request.args.get(name, next(iter(options)))
+    if value not in options:
+        abort(400, f"{name} must be one of {', '.join(options)}.")
+    return value
+
+
+@bp.get("/cases")
+def worklist():
+    show, order = chosen("show", FILTERS), chosen("order", ORDERS)
+    try:
+        page = max(1, int(request.args.get("page", "1")))
+    except ValueError:
+        abort(400, "page must be a whole number.")
+    query = select(Case.case_id, Case.created_at, Case.model_version, Case.source, Case.probability,
+                   Case.decision, Case.refusal, Case.overread)
+    if FILTERS[show] is not None:
+        query = query.where(FILTERS[show])
+    query = query.order_by(*ORDERS[order]).limit(PAGE_SIZE + 1).offset((page - 1) * PAGE_SIZE)
+    with Session(case_record().engine) as session:
+        rows = session.execute(query).all()
+    return render_template("cases.html", rows=rows[:PAGE_SIZE], more=len(rows) > PAGE_SIZE, page=page, show=show,
+                           order=order, filters=list(FILTERS), orders=list(ORDERS))
+
+
+CSV_COLUMNS = ("case_id", "created_at", "model_version", "source", "file_kind", "input_sha256", "probability",
+               "threshold", "decision", "refusal", "gate_score", "age_years", "user", "overread")
+
+
+@bp.get("/cases.csv")
+def worklist_csv():
+    """Every case (with the worklist's filter), for audit: no features, nothing of an image."""
+    show = chosen("show", FILTERS)
+    query = select(*(getattr(Case, name) for name in CSV_COLUMNS)).order_by(Case.id)
+    if FILTERS[show] is not None:
+        query = query.where(FILTERS[show])
+    engine = case_record().engine
+
+    def lines():
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(CSV_COLUMNS)
+        with engine.connect() as connection:
+            for row in connection.execution_options(stream_results=True, yield_per=1000).execute(query):
+                writer.writerow(["" if value is None else value for value in row])
+                if buffer.tell() > 1 << 16:
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+        yield buffer.getvalue()
+
+    headers = {"Content-Disposition": 'attachment; filename="cases.csv"'}
+    return Response(stream_with_context(lines()), mimetype="text/csv", headers=headers)
+

@@ -1,0 +1,87 @@
+"""Drift and agreement: the stability index, the intervals, and the alerts on real films:
+a few hundred cases of processed or out-of-population films raise them, the test split's
+own films do not."""
+import numpy as np
+import pytest
+
+from app.cases import Answer, CaseRecord
+from app.monitor import PSI_ALERT, figures, psi, wilson
+from training.site_shift import clahe, read_film
+
+
+def test_the_stability_index_is_zero_for_the_same_mix_and_large_for_another():
+    rng = np.random.default_rng(0)
+    reference = rng.beta(0.6, 0.4, 5000)
+    assert psi(reference, rng.beta(0.6, 0.4, 5000)) < 0.02
+    assert psi(reference, rng.beta(0.4, 0.6, 5000)) > PSI_ALERT
+
+
+def test_wilson_intervals():
+    assert wilson(0, 0) is None
+    low, high = wilson(45, 50)
+    assert low == pytest.approx(0.786, abs=0.002) and high == pytest.approx(0.957, abs=0.002)
+
+
+@pytest.fixture(scope="module")
+def predictor(app):
+    return app.extensions["model"].predictor
+
+
+@pytest.fixture(scope="module")
+def sample(real_data) -> list:
+    """300 test-split films drawn at random, in the split's own mix."""
+    files = sorted((real_data / "test").glob("*/*.jpeg"))
+    chosen = np.random.default_rng(32).choice(len(files), 300, replace=False)
+    return [read_film(files[i]) for i in sorted(chosen)]
+
+
+def monitored(app, tmp_path, predictor, films, name: str) -> dict:
+    record = CaseRecord(f"sqlite:///{tmp_path / name}.sqlite3")
+    record.migrate()
+    for film in films:
+        record.record(b"\xff\xd8", Answer.of(predictor.predict(film)), predictor.version, "api", None, None)
+    with app.app_context():  # the test split's probabilities come from the serving version's map
+        return figures(record.engine, predictor.version, predictor.checkpoint)
+
+
+def test_the_test_splits_own_films_raise_no_alert(app, tmp_path, predictor, sample):
+    found = monitored(app, tmp_path, predictor, sample, "test-split")
+    assert found["alerts"] == [] and found["stability"]["value"] < PSI_ALERT
+    assert found["refusal"]["n"] == 200 and found["refusal"]["value"] < 2 * found["refusal"]["test_split"] + 0.02
+
+
+def test_films_under_local_contrast_processing_raise_the_refusal_alert(app, tmp_path, predictor, sample):
+    found = monitored(app, tmp_path, predictor, [clahe(16.0, 8)(film) for film in sample], "clahe")
+    assert found["refusal"]["value"] >= 2 * found["refusal"]["test_split"]
+    assert any("refused as outside the intended use" in alert for alert in found["alerts"])
+
+
+def test_another_case_mix_raises_the_drift_alert(app, tmp_path, predictor, real_data):
+    """A ward that sends almost only normal films: the probabilities no longer look like the
+    test split's, though each film is in population."""
+    films = [read_film(path) for path in sorted((real_data / "test" / "NORMAL").iterdir())[:230]]
+    found = monitored(app, tmp_path, predictor, films, "normal-ward")
+    assert found["stability"]["value"] > PSI_ALERT
+    assert any("drifted" in alert for alert in found["alerts"])
+
+
+def test_adults_films_raise_the_refusal_alert(app, tmp_path, predictor, real_adult_data):
+    films = [read_film(path) for path in sorted((real_adult_data / "frontal").iterdir())[:200]]
+    found = monitored(app, tmp_path, predictor, films, "adults")
+    assert found["refusal"]["value"] > 0.5 and "image" in found["refusal"]["why"]
+    assert any("refused as outside the intended use" in alert for alert in found["alerts"])
+
+
+def test_agreement_below_the_model_cards_interval_raises_its_alert(app, tmp_path, predictor):
+    record = CaseRecord(f"sqlite:///{tmp_path / 'reads.sqlite3'}")
+    record.migrate()
+    missed = Answer(0.1, 0.5, "NORMAL", None, 0.1, None)
+    found_ = Answer(0.9, 0.5, "PNEUMONIA", None, 0.1, None)
+    for answer in [found_] * 30 + [missed] * 10:  # the clinicians read pneumonia on all 40: sensitivity 75%
+        case_id = record.record(b"\xff\xd8", answer, predictor.version, "page", None, None)
+        record.add_overread(case_id, "pneumonia", None, None)
+    with app.app_context():
+        result = figures(record.engine, predictor.version, predictor.checkpoint)
+    sensitivity = result["agreement"]["sensitivity"]
+    assert sensitivity["value"] == 0.75 and sensitivity["n"] == 40
+    assert any("sensitivity against the clinicians' overreads" in alert for alert in result["alerts"])
