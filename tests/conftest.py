@@ -107,6 +107,21 @@ def pediatric_film(real_data, app) -> bytes:
     pytest.fail("no test-split film passes the population gate")
 
 
+@pytest.fixture(scope="session")
+def postgresql_server():
+    """A throwaway PostgreSQL server (Debian's binaries) for the case record's tests; each test
+    makes a database of its own on it."""
+    from harness.postgres import binaries, postgres
+
+    if binaries() is None:
+        message = "PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI requires it")
+        pytest.skip(message)
+    with postgres() as server:
+        yield server
+
+
 # ---- the browser tests' server and headless Chromium ----------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

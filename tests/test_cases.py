@@ -3,7 +3,6 @@ worklist, failure and retention. (tests/test_cases_postgres.py: several servers,
 import csv
 import datetime as dt
 import io
-import os
 import re
 import uuid
 
@@ -17,19 +16,6 @@ from app.cases import Case, CaseRecord
 from harness.dicom_files import PATIENT_ID, PATIENT_NAME, make_dicom, twelve_bit
 from harness.images import encode, synthetic_xray
 from tests.client import CSRF, Uploads
-
-
-@pytest.fixture(scope="module")
-def postgresql_server():
-    from harness.postgres import binaries, postgres
-
-    if binaries() is None:
-        message = "PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI requires it")
-        pytest.skip(message)
-    with postgres() as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -2,7 +2,6 @@
 package; .ci/run installs it): the same record, two app servers writing to one database
 under load, and the database going down and coming back."""
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -14,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from app.cases import Case
 from harness.images import encode, synthetic_xray
-from harness.postgres import binaries, postgres
 from harness.server import gunicorn, post_image
 from tests.client import Uploads
 
@@ -22,15 +20,9 @@ pytestmark = pytest.mark.slow
 XRAY = encode(synthetic_xray(400, 320), ".png")
 
 
-@pytest.fixture(scope="module")
-def server():
-    if binaries() is None:
-        message = "PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI requires it")
-        pytest.skip(message)
-    with postgres() as running:
-        yield running
+@pytest.fixture
+def server(postgresql_server):
+    return postgresql_server
 
 
 @pytest.fixture
