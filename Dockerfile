@@ -1,9 +1,11 @@
 # Pneumonia screening web app on port 8000: nginx holding the clients, gunicorn behind it
 # serving the model store's model (deploy/serve.py starts and stops both).
 #   docker build -t pneumonia-screening .
-#   docker run -p 8000:8000 -e SECRET_KEY=... -v pneumonia-models:/var/lib/pneumonia/models pneumonia-screening
-# The model store is a volume: it outlives the container and is seeded with the
-# bundled model on first start. Retraining and promotion run in the same image
+#   docker run -p 8000:8000 -e SECRET_KEY=... -v pneumonia-models:/var/lib/pneumonia/models \
+#     -v pneumonia-cases:/var/lib/pneumonia/cases pneumonia-screening
+# The model store and the case record (SQLite; or DATABASE_URL=postgresql+psycopg://...)
+# are volumes: they outlive the container; the store is seeded with the bundled model on
+# first start. Retraining and promotion run in the same image
 # (docker exec; README, "Retraining"), with the dataset mounted at /data/chest_xray.
 FROM python:3.11-slim
 
@@ -12,6 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PNEUMONIA_MODEL_STORE=/var/lib/pneumonia/models \
+    DATABASE_URL=sqlite:////var/lib/pneumonia/cases/cases.sqlite3 \
     CHEST_XRAY_DATA=/data/chest_xray
 
 WORKDIR /srv/app
@@ -35,10 +38,10 @@ COPY deploy ./deploy
 COPY wsgi.py gunicorn.conf.py ./
 
 RUN useradd --system --uid 10001 --no-create-home screening \
-    && mkdir -p /var/lib/pneumonia/models /srv/app/.cache \
-    && chown screening /var/lib/pneumonia/models /srv/app/.cache
+    && mkdir -p /var/lib/pneumonia/models /var/lib/pneumonia/cases /srv/app/.cache \
+    && chown screening /var/lib/pneumonia/models /var/lib/pneumonia/cases /srv/app/.cache
 USER screening
-VOLUME /var/lib/pneumonia/models
+VOLUME /var/lib/pneumonia/models /var/lib/pneumonia/cases
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
