@@ -2,6 +2,7 @@
 Chromium: nothing scrolls sideways, and axe-core (the npm package, injected by the test)
 finds no violation of impact serious or critical."""
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +44,23 @@ def open_page(browser, base: str, page: str, films: dict) -> None:
     if page in paths:
         browser.get(base + paths[page])
         return
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
     browser.get(base + "/")
     field, button = ("images", "submit-batch") if page == "batch of 8" else ("image", "submit")
     browser.find_element(By.ID, field).send_keys("\n".join(str(p) for p in films[page]))
+    upload_page = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(By.ID, button).click()
-    browser.find_element(By.TAG_NAME, "h1")  # the next page has loaded
+    WebDriverWait(browser, 60).until(EC.staleness_of(upload_page))  # the answer replaced the upload page
 
 
 def settle(browser) -> None:
-    """Wait until the page's scripts (BokehJS) have laid it out."""
-    browser.execute_async_script("const done = arguments[0]; setTimeout(done, 800);")
+    """Wait until the page has loaded and its scripts (BokehJS) have laid it out."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 60).until(lambda b: b.execute_script("return document.readyState") == "complete")
+    time.sleep(0.8)
 
 
 @pytest.mark.parametrize("viewport", VIEWPORTS)
