@@ -71,10 +71,7 @@ def init_case_record(app: Flask) -> None:
     """The case record, its schema brought up to date; a database that cannot be reached now
     leaves the app serving, the record degraded, and is asked again on the next write."""
     record = CaseRecord(app.config["DATABASE_URL"])
-    try:
-        record.migrate()
-    except Exception as exc:  # noqa: BLE001 - any driver's failure: the app serves without its record
-        record._failed(exc)
+    record.start()
     app.extensions["cases"] = record
 
     @app.cli.command("prune-cases")

@@ -156,6 +156,14 @@ class CaseRecord:
                     self._pid = os.getpid()
         return self._engine
 
+    def start(self) -> None:
+        """Bring the schema up to date now; a database that cannot be reached leaves the record
+        degraded, and the next write tries again."""
+        try:
+            self.migrate()
+        except Exception as exc:  # noqa: BLE001 - any driver's failure: the app serves without its record
+            self._failed(exc)
+
     def migrate(self) -> None:
         """Bring the schema to Alembic's head (one process at a time on PostgreSQL)."""
         from alembic import command
