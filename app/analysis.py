@@ -18,11 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from model import TsneMapError
-from model.neighbours import NeighbourIndex
 
 from .cases import Case
 from .security import content_security_policy
-from .serving import get_predictor, tsne_map_path
+from .serving import get_predictor, neighbour_index, tsne_map_path
 from .thumbnails import dataset_file, thumbnail_jpeg
 from .tsne_plot import cases_figure, placement_item, plot_components
 
@@ -77,7 +76,8 @@ RECENT_CASES = 500
 def recent_cases_plot(tsne_map, version: str) -> tuple[str, str] | None:
     """(script, div) of the last cases within the intended use on the learned-features map;
     None without such cases, or when the map is another version's (its places would be wrong)."""
-    if tsne_map.checkpoint_version != version or tsne_map.features is None:
+    index, _ = neighbour_index(version)  # the result page's index, made once per map
+    if index is None:
         return None
     query = (select(Case.features, Case.overread).where(Case.model_version == version, Case.decision.is_not(None),
                                                         Case.features.is_not(None))
@@ -90,7 +90,7 @@ def recent_cases_plot(tsne_map, version: str) -> tuple[str, str] | None:
     if not rows:
         return None
     features = np.stack([np.frombuffer(blob, np.float16).astype(np.float32) for blob, _ in rows])
-    xy = NeighbourIndex(tsne_map).place(features)
+    xy = index.place(features)
     return components(cases_figure(tsne_map, xy, [read or "awaiting" for _, read in rows]))
 
 

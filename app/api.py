@@ -6,12 +6,12 @@ import base64
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest
 
-from model import Prediction, prior_shift
+from model import Prediction
 from model.neighbours import COUNT_K
 
 from .errors import status_for
 from .render import saliency_png
-from .serving import get_predictor, neighbour_index
+from .serving import clinic_probability, get_predictor, neighbour_index
 from .uploads import form_value, predict_each, read_age, read_batch_upload, read_single_upload
 from .worklist import record_case
 
@@ -56,11 +56,10 @@ def prediction_json(prediction: Prediction) -> dict:
         "ood_score": None if prediction.ood_score is None else round(prediction.ood_score, 4),
         "calibration_prevalence": get_predictor().checkpoint.calibration_prevalence,
     }
-    clinic = current_app.config.get("CLINIC_PREVALENCE")
-    if clinic is not None and body["calibration_prevalence"] is not None:
-        body["clinic_prevalence"] = clinic
-        body["probability_at_clinic_prevalence"] = round(
-            prior_shift(prediction.probability, body["calibration_prevalence"], clinic), 6)
+    at_clinic = clinic_probability(prediction.probability)
+    if at_clinic is not None:
+        body["clinic_prevalence"] = current_app.config["CLINIC_PREVALENCE"]
+        body["probability_at_clinic_prevalence"] = round(at_clinic, 6)
     if prediction.saliency is not None:
         body["saliency_png"] = base64.b64encode(saliency_png(prediction.aligned, prediction.saliency)).decode("ascii")
     return body
@@ -86,11 +85,10 @@ def predict_batch():
     files = read_batch_upload(request, current_app.config["MAX_BATCH_FILES"])
     age = read_age(request)
     results = [
-        {"filename": row["name"], "case_id": record_case(data, row["prediction"], "api", age),
-         **prediction_json(row["prediction"])}
+        {"filename": row["name"], "case_id": row["case_id"], **prediction_json(row["prediction"])}
         if "prediction" in row
         else {"filename": row["name"], "error": str(row["error"]), "status": status_for(row["error"])}
-        for (_, data), row in zip(files, predict_each(predictor, files, age))
+        for row in predict_each(predictor, files, age, "api")
     ]
     return jsonify(results=results, threshold=round(predictor.threshold, 6), model_version=predictor.version)
 

@@ -42,6 +42,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
+from model.dicom import is_dicom
+
 log = logging.getLogger("app")
 
 READS = ("pneumonia", "normal", "uncertain")
@@ -103,8 +105,6 @@ class Overread(Base):
 
 def file_kind(data: bytes) -> str:
     """The upload's format from its first bytes (what the record keeps instead of its name)."""
-    from model.dicom import is_dicom
-
     if is_dicom(data):
         return "dicom"
     for magic, kind in ((b"\xff\xd8", "jpeg"), (b"\x89PNG", "png"), (b"II*\0", "tiff"), (b"MM\0*", "tiff"),

@@ -12,6 +12,8 @@ from werkzeug.exceptions import HTTPException
 
 from model import ImageError, ImageTooLargeError, UnreadableFileError, UnsupportedImageError
 
+from .uploads import log_unreadable
+
 log = logging.getLogger("app")
 
 
@@ -33,7 +35,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ImageError)
     def _image_error(error: ImageError):
         if isinstance(error, UnreadableFileError):
-            log.warning("%s %s: the upload could not be read (%s)", request.method, request.path, error.cause)
+            log_unreadable(error)
         return error_response(str(error), status_for(error))
 
     @app.errorhandler(CSRFError)

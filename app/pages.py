@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, url_for
 
-from model import prior_shift
 from model.neighbours import COUNT_K
 from model.store import StoreError
 
 from .analysis import THUMBNAIL_URL, bokeh_js_files
 from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
 from .security import content_security_policy
-from .serving import get_predictor, neighbour_index
+from .serving import clinic_probability, get_predictor, neighbour_index
 from .thumbnails import dataset_file
 from .uploads import predict_each, read_age, read_batch_upload, read_single_upload, upload_name
 from .worklist import record_case
@@ -85,10 +84,8 @@ def prevalence() -> dict:
 def shown_probability(probability: float) -> float:
     """The probability as pages show it: for the clinic's expected prevalence when one is set
     (``CLINIC_PREVALENCE``); the decision stays at the validated threshold either way."""
-    mix = prevalence()
-    if mix["clinic"] is None or mix["calibration"] is None:
-        return probability
-    return prior_shift(probability, mix["calibration"], mix["clinic"])
+    at_clinic = clinic_probability(probability)
+    return probability if at_clinic is None else at_clinic
 
 
 def similar_films(prediction) -> dict:
@@ -110,10 +107,7 @@ def similar_films(prediction) -> dict:
 def predict_batch():
     predictor = get_predictor()
     files = read_batch_upload(request, current_app.config["MAX_BATCH_FILES"])
-    age = read_age(request)
-    rows = predict_each(predictor, files, age)
-    for (_, data), row in zip(files, rows):
-        row["case_id"] = record_case(data, row["prediction"], "batch", age) if "prediction" in row else None
+    rows = predict_each(predictor, files, read_age(request), "batch")
     rows.sort(key=batch_order)
     return render_template("batch.html", rows=rows, model=predictor.checkpoint)
 

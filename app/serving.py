@@ -25,7 +25,16 @@ from pathlib import Path
 
 from flask import Flask, current_app, g
 
-from model import CheckpointError, DecodeLimits, Predictor, PreprocessParams, TsneMap, TsneMapError, load_checkpoint
+from model import (
+    CheckpointError,
+    DecodeLimits,
+    Predictor,
+    PreprocessParams,
+    TsneMap,
+    TsneMapError,
+    load_checkpoint,
+    prior_shift,
+)
 from model.checkpoint import PreprocessMismatch
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT
@@ -187,6 +196,16 @@ def get_predictor() -> Predictor:
     if "predictor" not in g:
         g.predictor = current_app.extensions["model"].current()
     return g.predictor
+
+
+def clinic_probability(probability: float) -> float | None:
+    """The same film's probability at the clinic's expected prevalence (``CLINIC_PREVALENCE``),
+    from the serving model's calibration mix; None without that setting."""
+    clinic = current_app.config.get("CLINIC_PREVALENCE")
+    calibration = get_predictor().checkpoint.calibration_prevalence
+    if clinic is None or calibration is None:
+        return None
+    return prior_shift(probability, calibration, clinic)
 
 
 def tsne_map_path(version: str | None = None) -> Path:

@@ -11,6 +11,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from model import ImageError, Predictor, RequestBudget, UnreadableFileError
 
+from .worklist import record_case
+
 log = logging.getLogger("app")
 
 
@@ -110,11 +112,15 @@ def read_age(request: Request, field: str = "age_years") -> float | None:
     return years
 
 
-def predict_each(predictor: Predictor, files: list[tuple[str, bytes]], age_years: float | None = None) -> list[dict]:
-    """One row per file: ``{"name", "prediction"}`` or, for a refused file, ``{"name", "error"}``.
+def predict_each(predictor: Predictor, files: list[tuple[str, bytes]], age_years: float | None,
+                 source: str) -> list[dict]:
+    """One row per file: ``{"name", "prediction", "case_id"}`` or, for a file that cannot be
+    read, ``{"name", "error"}``.
 
     The films go through the network in one batch (``Predictor.predict_files``), within
     the request's budget of pixels and seconds: a file it cannot pay for is refused in its row.
+    Each prediction is kept as a case (``source``: where it came from); ``case_id`` is None
+    when the record could not take it.
     """
     config = current_app.config
     budget = RequestBudget(config["MAX_REQUEST_PIXELS"], config["REQUEST_BUDGET_S"])
@@ -122,8 +128,9 @@ def predict_each(predictor: Predictor, files: list[tuple[str, bytes]], age_years
     for position, result in enumerate(results, 1):
         if isinstance(result, UnreadableFileError):
             log_unreadable(result, f"file {position}")
-    return [{"name": name, "error": result} if isinstance(result, ImageError) else {"name": name, "prediction": result}
-            for (name, _), result in zip(files, results)]
+    return [{"name": name, "error": result} if isinstance(result, ImageError)
+            else {"name": name, "prediction": result, "case_id": record_case(data, result, source, age_years)}
+            for (name, data), result in zip(files, results)]
 
 
 def log_unreadable(error: UnreadableFileError, which: str = "the file") -> None:

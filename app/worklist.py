@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .cases import READS, Answer, Case, CaseRecord
+from .serving import get_predictor
 
 bp = Blueprint("cases", __name__)
 api = Blueprint("cases_api", __name__, url_prefix="/api/v1")
@@ -50,14 +51,8 @@ def current_user() -> str | None:
 
 def record_case(data: bytes, prediction, source: str, age_years: float | None) -> str | None:
     """Append the case of one prediction; its id, or None when the record could not take it."""
-    return case_record().record(data, Answer.of(prediction), prediction_version(), source, age_years,
+    return case_record().record(data, Answer.of(prediction), get_predictor().version, source, age_years,
                                 current_user())
-
-
-def prediction_version() -> str:
-    from .serving import get_predictor
-
-    return get_predictor().version
 
 
 # ---- overread -----------------------------------------------------------------------

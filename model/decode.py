@@ -70,11 +70,6 @@ class DecodeLimits:
     budget: RequestBudget | None = None
 
     def check(self, width: int, height: int) -> None:
-        self.check_film(width, height)
-        if self.budget is not None:
-            self.budget.spend(width * height)
-
-    def check_film(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
             raise ImageTooLargeError(self.too_many_pixels(width * height))
         if min(width, height) < self.min_side:
@@ -87,6 +82,8 @@ class DecodeLimits:
                 f"The image is {width}x{height} pixels: too elongated to be a chest X-ray "
                 f"(at most {self.max_aspect:g}:1)."
             )
+        if self.budget is not None:
+            self.budget.spend(width * height)
 
     def too_many_pixels(self, pixels: int | None) -> str:
         size = f" ({pixels / 1e6:.0f} megapixels)" if pixels else ""
