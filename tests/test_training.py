@@ -11,7 +11,7 @@ from model import Predictor, PreprocessParams, load_checkpoint
 from model.population import PopulationHead
 from training import data as data_module
 from training import evaluate, train
-from training.augment import augment, intensity_field
+from training.augment import augment, intensity_field, tighter_framing
 from training.data import DatasetError, load_split, patient_id, validation_split
 from training.metrics import binary_metrics, threshold_for_sensitivity
 from training.recipe import Recipe
@@ -219,6 +219,31 @@ def test_the_intensity_field_draws_random_numbers_only_when_asked_for():
     flat = augment(torch.full((256, 1, 32, 32), 0.5), generator, 0.0, bias_field=0.3)
     halves = flat[..., :16].mean(dim=(1, 2, 3)) - flat[..., 16:].mean(dim=(1, 2, 3))
     assert halves.abs().median() > 0.02  # a flat film comes out brighter on one side
+
+
+def test_a_tighter_framing_cuts_the_chosen_films_edges_within_the_amount():
+    x = torch.full((400, 1, 64, 64), 0.5)
+    x[:, :, :4] = 1.0  # a bright strip along the top edge (6% of the side)
+    x[:, :, 9:11] = 0.0  # a dark line just past the most a cut may take (12% = 7.7 rows)
+    chosen = torch.arange(400) % 2 == 0
+    out = tighter_framing(x, chosen, 0.12, torch.Generator().manual_seed(0))
+    assert torch.equal(out[~chosen], x[~chosen])
+    column = out[chosen, 0, :, 32]
+    strip = column.gt(0.75).sum(dim=1)
+    assert (strip == 0).float().mean() > 0.25 and (strip < 4).float().mean() > 0.8  # cut by a random share each
+    assert column[:, :12].lt(0.25).any(dim=1).all()  # no cut goes past the amount
+    assert column[:, 24:40].sub(0.5).abs().max() < 1e-5  # the middle of the film stays in the middle
+
+
+def test_the_framing_cut_changes_normal_films_alone_and_is_off_by_default():
+    images = torch.full((64, 1, 32, 32), 0.5)
+    images[:, :, :3] = 1.0
+    labels = torch.tensor([0, 1] * 32)
+    assert train.framed(images, labels, Recipe(), torch.Generator()) is images
+    out = train.framed(images, labels, Recipe(framing_cut=0.2), torch.Generator().manual_seed(1))
+    changed = (out != images).flatten(1).any(dim=1)
+    assert not changed[labels == 1].any()
+    assert 8 <= changed[labels == 0].sum() <= 24  # about half the normal films
 
 
 @pytest.mark.parametrize("option", ["--bias-field", "--consistency"])

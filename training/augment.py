@@ -69,3 +69,26 @@ def intensity_field(n: int, side: int, amount: float, generator: torch.Generator
     basis = torch.stack([x, y, x * y, x**2 - 1 / 3, y**2 - 1 / 3])  # (5, side, side), each of mean ~0
     coefficients = torch.randn(n, 5, generator=generator)
     return torch.exp(amount / 2 * torch.einsum("nk,khw->nhw", coefficients, basis)).unsqueeze(1)
+
+
+def tighter_framing(x: torch.Tensor, chosen: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """x: (N, 1, S, S); the films where ``chosen`` is true cut by up to ``amount`` of the side at the top
+    and at the bottom and half that at each side, and brought back to S x S: the film a tighter
+    collimation would have given.
+
+    Meant for normal films alone (``--framing-cut``): in this dataset the pneumonia films are
+    framed tighter, and the model reads a tight framing as pneumonia; framing normal films
+    tighter too leaves the framing no class to tell (docs/experiments.md: what it cost)."""
+    n = x.shape[0]
+    top, bottom, left, right = (torch.rand(n, 4, generator=generator) * amount
+                                * torch.tensor([1.0, 1.0, 0.5, 0.5]))[chosen].unbind(1)
+    if not chosen.any():
+        return x
+    theta = torch.zeros(len(top), 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = 1 - left - right, left - right
+    theta[:, 1, 1], theta[:, 1, 2] = 1 - top - bottom, top - bottom
+    cut = x[chosen]
+    grid = F.affine_grid(theta.to(x), list(cut.shape), align_corners=False)
+    out = x.clone()
+    out[chosen] = F.grid_sample(cut, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out

@@ -53,6 +53,11 @@ class Recipe:
     consistency: float = option(0.1, "two augmented views of each film a batch and this weight on the squared "
                                      "difference of their logits (0: one view, no penalty): a diagnosis does not "
                                      "depend on how the film was framed or exposed", type=off_or_amount)
+    framing_cut: float = option(0.0, "half of the normal films' views cut by up to this share at the top and bottom "
+                                     "(half of it at the sides; 0: off): in this dataset a tighter framing goes with "
+                                     "pneumonia. Off: it fixed collimation but cost contrast processing more "
+                                     "(docs/experiments.md)",
+                                type=number_from(0, 0.5, "a share from 0 to below 0.5"))
     processed_copies: int = option(4, "copies of each training film under random site processing (local contrast "
                                       "enhancement, equalisation, sharpening, curves, re-compression, noise, text; "
                                       "training/processing.py), preprocessed once and cached")

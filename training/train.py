@@ -48,7 +48,7 @@ from model.settings import (
 )
 from model.store import ModelStore, StoreError
 
-from .augment import augment
+from .augment import augment, tighter_framing
 from .calibrate import fit_temperature
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
 from .evaluate import evaluate, transformer_figures
@@ -98,8 +98,9 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
             continue
-        x = torch.cat([augment(view_of(images, processed, index, recipe.processed_share, generator), generator,
-                               recipe.augment_strength, recipe.zoom_strength, recipe.bias_field)
+        x = torch.cat([augment(framed(view_of(images, processed, index, recipe.processed_share, generator),
+                                      labels[index], recipe, generator),
+                               generator, recipe.augment_strength, recipe.zoom_strength, recipe.bias_field)
                        for _ in range(views)]).to(device)
         y = labels[index].repeat(views).to(device)
         logits = model(x)
@@ -116,6 +117,15 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
         bar.update(1)
         bar.set_postfix_str(f"loss {total / count:.4f}", refresh=False)
     return total / max(count, 1)
+
+
+def framed(view: torch.Tensor, labels: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> torch.Tensor:
+    """The view with half its normal films framed tighter (``recipe.framing_cut``; off: the view unchanged,
+    and no random draw, so a recipe without it trains as before)."""
+    if not recipe.framing_cut:
+        return view
+    chosen = (labels == 0) & (torch.rand(len(labels), generator=generator) < 0.5)
+    return tighter_framing(view, chosen, recipe.framing_cut, generator)
 
 
 def view_of(images: torch.Tensor, processed: torch.Tensor | None, index: torch.Tensor, share: float,
