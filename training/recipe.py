@@ -55,8 +55,8 @@ class Recipe:
                                      "depend on how the film was framed or exposed", type=off_or_amount)
     framing_cut: float = option(0.0, "half of the normal films' views cut by up to this share at the top and bottom "
                                      "(half of it at the sides; 0: off): in this dataset a tighter framing goes with "
-                                     "pneumonia. Off: it fixed collimation but cost contrast processing more "
-                                     "(docs/experiments.md)",
+                                     "pneumonia. Off: it eased tight collimation and cost more under contrast "
+                                     "processing (docs/experiments.md)",
                                 type=number_from(0, 0.5, "a share from 0 to below 0.5"))
     processed_copies: int = option(4, "copies of each training film under random site processing (local contrast "
                                       "enhancement, equalisation, sharpening, curves, re-compression, noise, text; "
