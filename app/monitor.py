@@ -28,7 +28,8 @@ from flask import Blueprint, Response, current_app, jsonify, render_template
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from model import TsneMap, TsneMapError
+from model import TsneMapError
+from model.tsne_map import load_shared
 
 from .analysis import bokeh_js_files
 from .cases import Case
@@ -67,7 +68,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | Non
 
 @lru_cache(maxsize=2)
 def _test_probabilities(path: str, mtime_ns: int) -> tuple[str, np.ndarray]:
-    tsne_map = TsneMap.load(path)
+    tsne_map = load_shared(path, mtime_ns)
     return tsne_map.checkpoint_version, np.asarray(tsne_map.probability[tsne_map.split == "test"], np.float64)
 
 

@@ -30,7 +30,6 @@ from model import (
     DecodeLimits,
     Predictor,
     PreprocessParams,
-    TsneMap,
     TsneMapError,
     load_checkpoint,
     prior_shift,
@@ -39,6 +38,7 @@ from model.checkpoint import PreprocessMismatch
 from model.neighbours import NeighbourIndex
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT
 from model.store import ModelStore, StoreError
+from model.tsne_map import load_shared
 
 log = logging.getLogger("app")
 
@@ -243,6 +243,6 @@ def neighbour_index(version: str | None = None) -> tuple[NeighbourIndex | None, 
 @lru_cache(maxsize=2)
 def _index(path: str, stamp: int) -> tuple[NeighbourIndex | None, str | None]:
     try:
-        return NeighbourIndex(TsneMap.load(path)), None
+        return NeighbourIndex(load_shared(path, stamp)), None
     except (TsneMapError, ValueError) as exc:
         return None, str(exc)

@@ -16,6 +16,7 @@ from bokeh.models import ColumnDataSource, HoverTool, InlineStyleSheet, TabPanel
 from bokeh.plotting import figure
 
 from model import TsneMap
+from model.tsne_map import load_shared
 
 COLORS = {"NORMAL": "#2e9e4f", "PNEUMONIA": "#d03b30"}
 
@@ -108,7 +109,7 @@ def plot_components(path: Path, thumbnail_url: str | None) -> tuple[str, str, Ts
 
 @lru_cache(maxsize=4)
 def _cached_components(path: str, mtime_ns: int | None, thumbnail_url: str | None) -> tuple[str, str, TsneMap]:
-    tsne_map = TsneMap.load(path)
+    tsne_map = load_shared(path, mtime_ns)
     script, div = components(build_layout(tsne_map, thumbnail_url))
     return script, div, tsne_map
 
@@ -153,7 +154,7 @@ def placement_item(path: Path) -> tuple[str, str]:
 
 @lru_cache(maxsize=2)
 def _placement(path: str, mtime_ns: int) -> tuple[str, str]:
-    tsne_map = TsneMap.load(path)
+    tsne_map = load_shared(path, mtime_ns)
     train = tsne_map.split == "train"
     labels = np.where(tsne_map.label[train] == 1, "PNEUMONIA", "NORMAL")
     points = ColumnDataSource({"x": tsne_map.feature_xy[train, 0], "y": tsne_map.feature_xy[train, 1],

@@ -38,12 +38,13 @@ def shutdown_seconds(environ=os.environ) -> int:
 
 def settings(environ=os.environ) -> dict:
     upload_mb = float(environ.get("MAX_UPLOAD_MB", "20"))
+    longest = str(shutdown_seconds(environ))
     return {
         "LISTEN": f"{environ.get('HOST', '0.0.0.0')}:{environ.get('PORT', '8000')}",
         "MAX_UPLOAD_MB": f"{upload_mb:g}",
         "MAX_BODY": f"{int((upload_mb + MULTIPART_ALLOWANCE_MB) * 1024)}k",
-        "UPSTREAM_S": str(shutdown_seconds(environ)),
-        "SHUTDOWN_S": str(shutdown_seconds(environ)),
+        "UPSTREAM_S": longest,
+        "SHUTDOWN_S": longest,
     }
 
 
@@ -68,7 +69,7 @@ def wait_for_socket(path: Path, process: subprocess.Popen, timeout: float = 120)
 
 
 def main() -> int:
-    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")  # not on a user's PATH
     if nginx is None:
         print("pneumonia-screening: nginx is not installed (Debian: apt-get install nginx-light)", file=sys.stderr)
         return 2

@@ -72,9 +72,11 @@ def prior_shift(probability: float, from_prevalence: float, to_prevalence: float
     """The same film's probability where ``to_prevalence`` of films show pneumonia, from one
     calibrated where ``from_prevalence`` did: the film's likelihood ratio stays, the prior odds
     change (Bayes). The decision does not: it stays at the validated threshold."""
+    if probability >= 1:
+        return 1.0
     ratio = (to_prevalence / (1 - to_prevalence)) / (from_prevalence / (1 - from_prevalence))
-    odds = probability / (1 - probability) if probability < 1 else float("inf")
-    return 1.0 if odds == float("inf") else odds * ratio / (1 + odds * ratio)
+    odds = probability / (1 - probability) * ratio
+    return odds / (1 + odds)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,11 @@ class TsneMap:
         if any(len(getattr(tsne_map, key)) != len(tsne_map) for key in per_point):
             raise TsneMapError(f"The t-SNE artifact at {path} is unreadable (columns of different lengths).")
         return tsne_map
+
+
+@lru_cache(maxsize=4)
+def load_shared(path: str, mtime_ns: int | None) -> TsneMap:
+    """``TsneMap.load``, read once per version of the file (``mtime_ns``) and shared by the
+    app's views of it (the analysis plot, the result page's map, the neighbour index, the
+    monitor's reference), which only read it."""
+    return TsneMap.load(path)
