@@ -8,10 +8,11 @@ import torch
 from filelock import FileLock
 
 from model import Predictor, PreprocessParams, load_checkpoint
+from model.network import NetworkConfig, PneumoniaNet
 from model.population import PopulationHead
 from training import data as data_module
 from training import evaluate, train
-from training.augment import augment, intensity_field, tighter_framing
+from training.augment import augment, intensity_field, random_affine, then, tighter_framing
 from training.data import DatasetError, load_split, patient_id, validation_split
 from training.metrics import binary_metrics, threshold_for_sensitivity
 from training.recipe import Recipe
@@ -226,7 +227,7 @@ def test_a_tighter_framing_cuts_the_chosen_films_edges_within_the_amount():
     x[:, :, :4] = 1.0  # a bright strip along the top edge (6% of the side)
     x[:, :, 9:11] = 0.0  # a dark line just past the most a cut may take (12% = 7.7 rows)
     chosen = torch.arange(400) % 2 == 0
-    out = tighter_framing(x, chosen, 0.12, torch.Generator().manual_seed(0))
+    out, _ = tighter_framing(x, chosen, 0.12, torch.Generator().manual_seed(0))
     assert torch.equal(out[~chosen], x[~chosen])
     column = out[chosen, 0, :, 32]
     strip = column.gt(0.75).sum(dim=1)
@@ -239,8 +240,8 @@ def test_the_framing_cut_changes_normal_films_alone_and_is_off_by_default():
     images = torch.full((64, 1, 32, 32), 0.5)
     images[:, :, :3] = 1.0
     labels = torch.tensor([0, 1] * 32)
-    assert train.framed(images, labels, Recipe(), torch.Generator()) is images
-    out = train.framed(images, labels, Recipe(framing_cut=0.2), torch.Generator().manual_seed(1))
+    assert train.framed(images, labels, Recipe(), torch.Generator()) == (images, None)
+    out, _ = train.framed(images, labels, Recipe(framing_cut=0.2), torch.Generator().manual_seed(1))
     changed = (out != images).flatten(1).any(dim=1)
     assert not changed[labels == 1].any()
     assert 8 <= changed[labels == 0].sum() <= 24  # about half the normal films
@@ -304,3 +305,51 @@ def test_consistency_trains_on_two_views_of_each_film_and_penalises_their_disagr
     assert x.shape[0] == 8
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[films])
     assert off == pytest.approx(bce.item(), rel=1e-5)
+
+
+def test_a_warp_then_another_samples_the_film_as_the_two_in_turn():
+    axis = torch.linspace(-1, 1, 64)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    film = (0.5 + 0.25 * torch.sin(6 * x) * torch.cos(5 * y)).expand(6, 1, 64, 64)
+    generator = torch.Generator().manual_seed(0)
+    cut_films, cut = tighter_framing(film, torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.bool), 0.12, generator)
+    affine = random_affine(6, generator, 0.8, 0.8)
+
+    def sample(images, theta):
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+    in_turn, at_once = sample(cut_films, affine), sample(film, then(cut, affine))
+    error = (in_turn - at_once)[..., 8:-8, 8:-8].abs().max()  # inside: what the borders leave alone
+    assert error < 0.01  # interpolating twice against once
+    assert (in_turn - sample(film, then(affine, cut)))[..., 8:-8, 8:-8].abs().max() > 5 * error  # order matters
+
+
+def transformer_step(equivariance: float, strength: float) -> float:
+    """The loss of one step (learning rate 0) of a fresh 16 px network with the transformer penalty."""
+    images = np.random.default_rng(0).uniform(0, 1, (8, 16, 16)).astype(np.float32)
+    split = data_module.Split(images, np.array([0, 1] * 4), [f"f{i}" for i in range(8)])
+    recipe = Recipe(batch_size=16, augment_strength=strength, zoom_strength=strength, bias_field=0.0,
+                    stn_equivariance=equivariance)
+    torch.manual_seed(0)  # the same weights and dropout every call
+    model = PneumoniaNet(NetworkConfig(input_size=16, channels=(4, 8)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return train.train_one_epoch(model, optimizer, schedule, split, recipe, torch.Generator().manual_seed(0), "cpu",
+                                 torch.tensor(1.0), train.tqdm(disable=True))
+
+
+def test_the_transformer_penalty_is_how_far_apart_the_two_views_look_on_the_film():
+    # A fresh transformer is the identity, so each view looks where its own augmentation put it.
+    assert transformer_step(1.0, strength=0.0) == transformer_step(0.0, strength=0.0)  # same warp: no penalty
+    assert transformer_step(1.0, strength=1.5) - transformer_step(0.0, strength=1.5) > 0.01
+    assert transformer_step(2.0, strength=1.5) - transformer_step(0.0, strength=1.5) == pytest.approx(
+        2 * (transformer_step(1.0, strength=1.5) - transformer_step(0.0, strength=1.5)), rel=1e-4)
+
+
+def test_the_transformer_penalty_without_two_views_is_a_clear_error(tmp_path, caplog):
+    args = train.get_args_parser().parse_args(["--stn-equivariance", "1", "--consistency", "0",
+                                               "--out", str(tmp_path / "model.pt")])
+    assert train.main(args) == 2
+    assert "--stn-equivariance compares the two views" in caplog.text
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written

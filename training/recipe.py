@@ -58,6 +58,12 @@ class Recipe:
                                      "pneumonia. Off: it eased tight collimation and cost more under contrast "
                                      "processing (docs/experiments.md)",
                                 type=number_from(0, 0.5, "a share from 0 to below 0.5"))
+    stn_equivariance: float = option(0.0, "weight on the disagreement of the two views' spatial transforms, each "
+                                          "mapped back through its known augmentation (0: off; needs "
+                                          "--consistency): the transformer learns to frame the anatomy the same "
+                                          "way however the film was framed. Off: it undid a tight "
+                                          "collimation's zoom, yet the answer still moved and the films as they "
+                                          "are lost (docs/experiments.md)", type=off_or_amount)
     processed_copies: int = option(4, "copies of each training film under random site processing (local contrast "
                                       "enhancement, equalisation, sharpening, curves, re-compression, noise, text; "
                                       "training/processing.py), preprocessed once and cached")

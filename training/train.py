@@ -48,7 +48,7 @@ from model.settings import (
 )
 from model.store import ModelStore, StoreError
 
-from .augment import augment, tighter_framing
+from .augment import augment, random_affine, then, tighter_framing
 from .calibrate import fit_temperature
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult_films, load_split, validation_split
 from .evaluate import evaluate, transformer_figures
@@ -98,16 +98,25 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
     for index in batches:
         if len(index) < 2:  # BatchNorm needs two samples
             continue
-        x = torch.cat([augment(framed(view_of(images, processed, index, recipe.processed_share, generator),
-                                      labels[index], recipe, generator),
-                               generator, recipe.augment_strength, recipe.zoom_strength, recipe.bias_field)
-                       for _ in range(views)]).to(device)
+        batch, warps = [], []
+        for _ in range(views):
+            view, cut = framed(view_of(images, processed, index, recipe.processed_share, generator),
+                               labels[index], recipe, generator)
+            affine = random_affine(len(index), generator, recipe.augment_strength, recipe.zoom_strength)
+            batch.append(augment(view, generator, recipe.augment_strength, recipe.zoom_strength,
+                                 recipe.bias_field, affine=affine))
+            warps.append(affine if cut is None else then(cut, affine))
+        x = torch.cat(batch).to(device)
         y = labels[index].repeat(views).to(device)
-        logits = model(x)
+        out = model.infer(x) if recipe.stn_equivariance else None  # the spatial transforms as well
+        logits = model(x) if out is None else out.logits
         loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
         if views == 2:
             first, second = logits.view(2, -1)
             loss = loss + recipe.consistency * (first - second).pow(2).mean()
+            if out is not None:
+                first, second = then(torch.cat(warps).to(device), out.theta).view(2, -1, 2, 3)
+                loss = loss + recipe.stn_equivariance * (first - second).pow(2).sum(dim=(1, 2)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -119,11 +128,13 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
     return total / max(count, 1)
 
 
-def framed(view: torch.Tensor, labels: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> torch.Tensor:
-    """The view with half its normal films framed tighter (``recipe.framing_cut``; off: the view unchanged,
-    and no random draw, so a recipe without it trains as before)."""
+def framed(view: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The view with half its normal films framed tighter (``recipe.framing_cut``), and the cut's
+    warps; off: the view unchanged and None, with no random draw, so a recipe without it trains
+    as before."""
     if not recipe.framing_cut:
-        return view
+        return view, None
     chosen = (labels == 0) & (torch.rand(len(labels), generator=generator) < 0.5)
     return tighter_framing(view, chosen, recipe.framing_cut, generator)
 
@@ -251,6 +262,9 @@ def main(args) -> int:
     if args.out is not None and args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
         log.error("%s is the bundled checkpoint, which no command writes: train into the store "
                   "(no --out) or name another file", args.out)
+        return 2
+    if args.stn_equivariance and not args.consistency:
+        log.error("--stn-equivariance compares the two views that --consistency trains on: give it a weight too")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
