@@ -105,7 +105,7 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
             affine = random_affine(len(index), generator, recipe.augment_strength, recipe.zoom_strength)
             batch.append(augment(view, generator, recipe.augment_strength, recipe.zoom_strength,
                                  recipe.bias_field, affine=affine))
-            warps.append(affine if cut is None else then(cut, affine))
+            warps.append(affine if cut is None else then(cut, affine))  # where the view's pixels lie on the film
         x = torch.cat(batch).to(device)
         y = labels[index].repeat(views).to(device)
         out = model.infer(x) if recipe.stn_equivariance else None  # the spatial transforms as well
@@ -114,7 +114,7 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
         if views == 2:
             first, second = logits.view(2, -1)
             loss = loss + recipe.consistency * (first - second).pow(2).mean()
-            if out is not None:
+            if out is not None:  # where each view's aligned image lies on the film: the same place for both
                 first, second = then(torch.cat(warps).to(device), out.theta).view(2, -1, 2, 3)
                 loss = loss + recipe.stn_equivariance * (first - second).pow(2).sum(dim=(1, 2)).mean()
         optimizer.zero_grad(set_to_none=True)
