@@ -33,7 +33,7 @@ def augment(
     n = x.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator)
+        return _uniform(n, low, high, generator)
 
     theta = (random_affine(n, generator, strength, zoom_strength) if affine is None else affine).to(x)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -61,7 +61,7 @@ def random_affine(n: int, generator: torch.Generator, strength: float = 1.0,
     zoom_strength = strength if zoom_strength is None else zoom_strength
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator)
+        return _uniform(n, low, high, generator)
 
     angle = uniform(-10, 10) * strength * math.pi / 180
     scale = 1 + uniform(-0.1, 0.1) * zoom_strength
@@ -69,6 +69,10 @@ def random_affine(n: int, generator: torch.Generator, strength: float = 1.0,
     tx, ty = uniform(-0.07, 0.07) * strength, uniform(-0.07, 0.07) * strength
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     return torch.stack([torch.stack([cos * aspect, -sin, tx], 1), torch.stack([sin * aspect, cos, ty], 1)], 1)
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
 
 
 def then(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

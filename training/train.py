@@ -105,7 +105,8 @@ def train_one_epoch(model, optimizer, scheduler, split: Split, recipe: Recipe, g
             affine = random_affine(len(index), generator, recipe.augment_strength, recipe.zoom_strength)
             batch.append(augment(view, generator, recipe.augment_strength, recipe.zoom_strength,
                                  recipe.bias_field, affine=affine))
-            warps.append(affine if cut is None else then(cut, affine))  # where the view's pixels lie on the film
+            if recipe.stn_equivariance:  # where the view's pixels lie on the film
+                warps.append(affine if cut is None else then(cut, affine))
         x = torch.cat(batch).to(device)
         y = labels[index].repeat(views).to(device)
         out = model.infer(x) if recipe.stn_equivariance else None  # the spatial transforms as well
