@@ -8,6 +8,7 @@ sits on the left and the model may rely on anatomy's asymmetry.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -32,8 +33,7 @@ def augment(
     draws either way); a caller that needs to know the view's geometry draws it first."""
     n = x.shape[0]
 
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return _uniform(n, low, high, generator)
+    uniform = _uniform_draws(n, generator)
 
     theta = (random_affine(n, generator, strength, zoom_strength) if affine is None else affine).to(x)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -60,8 +60,7 @@ def random_affine(n: int, generator: torch.Generator, strength: float = 1.0,
     point samples the input): a small rotation, zoom, aspect change and shift."""
     zoom_strength = strength if zoom_strength is None else zoom_strength
 
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return _uniform(n, low, high, generator)
+    uniform = _uniform_draws(n, generator)
 
     angle = uniform(-10, 10) * strength * math.pi / 180
     scale = 1 + uniform(-0.1, 0.1) * zoom_strength
@@ -71,8 +70,9 @@ def random_affine(n: int, generator: torch.Generator, strength: float = 1.0,
     return torch.stack([torch.stack([cos * aspect, -sin, tx], 1), torch.stack([sin * aspect, cos, ty], 1)], 1)
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
+def _uniform_draws(n: int, generator: torch.Generator) -> Callable[[float, float], torch.Tensor]:
+    """uniform(low, high): one draw a film from ``generator``, in the order of the calls."""
+    return lambda low, high: low + (high - low) * torch.rand(n, generator=generator)
 
 
 def then(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
