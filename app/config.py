@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from model.settings import MAX_IMAGE_PIXELS, REPO_ROOT, data_dir, model_store_dir
+from model.settings import MAX_IMAGE_PIXELS, data_dir, database_url, model_store_dir
 
 
 class ConfigError(ValueError):
@@ -51,7 +51,7 @@ def from_environment() -> dict:
         "REQUEST_BUDGET_S": request_budget_s(),
         "SECRET_KEY": env.get("SECRET_KEY"),
         # The case record (app/cases.py): a SQLite file by default, any SQLAlchemy URL.
-        "DATABASE_URL": env.get("DATABASE_URL") or f"sqlite:///{REPO_ROOT / 'instance' / 'cases.sqlite3'}",
+        "DATABASE_URL": database_url(),
         # A header the hospital's authenticating proxy sets to the user's name; unset: no user is recorded.
         "TRUSTED_USER_HEADER": env.get("TRUSTED_USER_HEADER") or None,
         "CLINIC_PREVALENCE": clinic_prevalence(),

@@ -3,11 +3,15 @@ GET /api/v1/monitor.
 
 - cases per day over the last ``WINDOW_DAYS``;
 - the share refused by the population gate over the last ``RECENT`` cases (and why),
-  against the test split's;
+  against the version's own reference;
 - the population stability index of the probabilities of the last ``PSI_CASES`` films
-  within the intended use, against the test split's (from the version's t-SNE map);
+  within the intended use, against the reference's;
 - agreement with the clinicians' overreads (sensitivity, specificity, PPV with Wilson 95%
-  intervals) against the model card's test figures.
+  intervals) against the reference's figures, and the local validation of the overread
+  cases (``model.validation``, as ``training.site report`` gives it).
+
+The reference is the test split (its probabilities from the version's t-SNE map), or for a
+version adapted to a site (``training.site adapt``) that site's held-out films.
 
 Alerts: the index past ``PSI_ALERT``; refusals at twice the test split's rate or more;
 sensitivity or specificity below the model card's 95% interval, over ``MIN_OVERREADS``.
@@ -15,7 +19,6 @@ sensitivity or specificity below the model card's 95% interval, over ``MIN_OVERR
 from __future__ import annotations
 
 import datetime as dt
-import math
 import secrets
 from functools import lru_cache
 
@@ -30,9 +33,10 @@ from sqlalchemy.orm import Session
 
 from model import TsneMapError
 from model.tsne_map import load_shared
+from model.validation import local_validation, proportion
 
 from .analysis import bokeh_js_files
-from .cases import Case
+from .cases import READS, Case
 from .security import content_security_policy
 from .serving import get_predictor, tsne_map_path
 from .tsne_plot import keyboard_visible
@@ -57,19 +61,28 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    if n == 0:
-        return None
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 @lru_cache(maxsize=2)
 def _test_probabilities(path: str, mtime_ns: int) -> tuple[str, np.ndarray]:
     tsne_map = load_shared(path, mtime_ns)
     return tsne_map.checkpoint_version, np.asarray(tsne_map.probability[tsne_map.split == "test"], np.float64)
+
+
+def reference(version: str, checkpoint) -> dict:
+    """What the serving version's recent films are compared with: for a site-adapted version the
+    site's held-out films it was judged on, else the test split (probabilities from its t-SNE map)."""
+    site = checkpoint.metrics.get("site")
+    if site and site.get("reference"):
+        held = site["held_out"]
+        return {"name": f"site {site['name']}'s held-out films", "probabilities": np.asarray(site["reference"]),
+                "refused": held["refused"]["value"], "sensitivity": held["sensitivity"],
+                "false_positive_rate": held["false_positive_rate"]}
+    test = checkpoint.metrics.get("test", {})
+    card = checkpoint.metrics.get("site_shift", {}).get("as is", {}).get("intervals", {})
+    return {"name": "the test split", "probabilities": test_probabilities(version),
+            "refused": test.get("ood_flagged"),
+            "sensitivity": {"value": test.get("sensitivity"), "interval": card.get("sensitivity")},
+            "false_positive_rate": {"value": test.get("false_positive_rate"),
+                                    "interval": card.get("false_positive_rate")}}
 
 
 def test_probabilities(version: str) -> np.ndarray | None:
@@ -80,10 +93,6 @@ def test_probabilities(version: str) -> np.ndarray | None:
     except (OSError, TsneMapError, ValueError):
         return None
     return probabilities if map_version == version else None
-
-
-def proportion(successes: int, n: int) -> dict:
-    return {"value": successes / n if n else None, "n": n, "interval": wilson(successes, n)}
 
 
 def figures(engine, version: str, checkpoint) -> dict:
@@ -102,35 +111,51 @@ def figures(engine, version: str, checkpoint) -> dict:
         reads = session.execute(select(Case.decision, Case.overread, func.count())
                                 .where(mine, Case.decision.is_not(None), Case.overread.in_(("pneumonia", "normal")))
                                 .group_by(Case.decision, Case.overread)).all()
-    test = checkpoint.metrics.get("test", {})
+        overread = session.execute(select(Case.overread, Case.probability, Case.refusal)
+                                   .where(mine, Case.overread.in_(READS))).all()
+    against = reference(version, checkpoint)
     refused = [reasons for decision, reasons in recent if decision is None]
     why: dict[str, int] = {}
     for reasons in refused:
         for check in (reasons or "unknown").split(","):
             why[check] = why.get(check, 0) + 1
-    refusal = {**proportion(len(refused), len(recent)), "why": why, "test_split": test.get("ood_flagged")}
+    refusal = {**proportion(len(refused), len(recent)), "why": why, "test_split": against["refused"]}
 
-    reference = test_probabilities(version)
-    stability = {"value": None, "cases": len(probabilities), "reference": None if reference is None else len(reference)}
-    if reference is not None and len(probabilities) >= MIN_PSI_CASES:
-        stability["value"] = psi(reference, probabilities)
+    expected = against["probabilities"]
+    stability = {"value": None, "cases": len(probabilities), "reference": None if expected is None else len(expected)}
+    if expected is not None and len(probabilities) >= MIN_PSI_CASES:
+        stability["value"] = psi(expected, probabilities)
 
     counts = {(decision, read): n for decision, read, n in reads}
     tp, fn = counts.get(("PNEUMONIA", "pneumonia"), 0), counts.get(("NORMAL", "pneumonia"), 0)
     tn, fp = counts.get(("NORMAL", "normal"), 0), counts.get(("PNEUMONIA", "normal"), 0)
-    card = checkpoint.metrics.get("site_shift", {}).get("as is", {}).get("intervals", {})
+    fpr = against["false_positive_rate"]
     agreement = {
         "overreads": tp + fn + tn + fp,
-        "sensitivity": {**proportion(tp, tp + fn), "model_card": test.get("sensitivity"),
-                        "model_card_interval": card.get("sensitivity")},
-        "specificity": {**proportion(tn, tn + fp), "model_card": test.get("specificity"),
-                        "model_card_interval": [1 - card["false_positive_rate"][1], 1 - card["false_positive_rate"][0]]
-                        if card.get("false_positive_rate") else None},
+        "sensitivity": {**proportion(tp, tp + fn), "model_card": against["sensitivity"]["value"],
+                        "model_card_interval": against["sensitivity"]["interval"]},
+        "specificity": {**proportion(tn, tn + fp),
+                        "model_card": None if fpr["value"] is None else 1 - fpr["value"],
+                        "model_card_interval": [1 - fpr["interval"][1], 1 - fpr["interval"][0]]
+                        if fpr.get("interval") else None},
         "ppv": proportion(tp, tp + fp),
     }
     return {"model_version": version, "window_days": WINDOW_DAYS, "cases_per_day": per_day, "refusal": refusal,
-            "stability": stability, "agreement": agreement,
-            "alerts": alerts(refusal, stability, agreement), "probabilities": probabilities, "reference": reference}
+            "stability": stability, "agreement": agreement, "reference_name": against["name"],
+            "site_report": site_report(overread, checkpoint.threshold),
+            "alerts": alerts(refusal, stability, agreement), "probabilities": probabilities, "reference": expected}
+
+
+def site_report(overread: list, threshold: float) -> dict:
+    """The local validation (``training.site report``'s figures) of the serving version on its overread
+    cases: the clinicians' reads as labels, refused films counted; "uncertain" reads left out and counted."""
+    labelled = [(read == "pneumonia", p, refusal or "") for read, p, refusal in overread
+                if read in ("pneumonia", "normal") and p is not None]
+    found = local_validation(np.array([y for y, _, _ in labelled], dtype=int),
+                             np.array([p for _, p, _ in labelled], dtype=np.float64), threshold,
+                             [r for _, _, r in labelled])
+    found["uncertain"] = sum(1 for read, _, _ in overread if read == "uncertain")
+    return found
 
 
 def alerts(refusal: dict, stability: dict, agreement: dict) -> list[str]:
@@ -162,7 +187,7 @@ def plots(found: dict) -> tuple[str, str]:
     spread = figure(height=300, width=520, sizing_mode="scale_width", toolbar_location=None, tools="",
                     title="Probability of pneumonia: recent films against the test split", x_range=(0, 1))
     edges = np.linspace(0, 1, 21)
-    for values, colour, label in ((found["reference"], "#888888", "test split"),
+    for values, colour, label in ((found["reference"], "#888888", found["reference_name"]),
                                   (found["probabilities"], "#d03b30", "recent films")):
         if values is not None and len(values):
             share = np.histogram(values, bins=edges)[0] / len(values)

@@ -50,3 +50,9 @@ def adult_data_dir() -> Path:
     """
     default = REPO_ROOT.parent / "shared" / "data" / "adult_cxr"
     return Path(os.environ.get("ADULT_CXR_DATA", default)).expanduser()
+
+
+def database_url() -> str:
+    """The case record (``DATABASE_URL``): any SQLAlchemy URL; a SQLite file under ``instance/`` by default.
+    Read by the app and by ``training.site report --cases``."""
+    return os.environ.get("DATABASE_URL") or f"sqlite:///{REPO_ROOT / 'instance' / 'cases.sqlite3'}"

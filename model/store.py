@@ -196,10 +196,12 @@ class ModelStore:
             self._write_pointer(Pointer(checkpoint.version, ()), checkpoint.version, "seed")
             return True
 
-    def set_serving(self, version: str, action: str, forced: bool = False, reason: str | None = None) -> Pointer:
-        """Move the pointer (caller holds ``lock("promote")``); the checkpoint must load."""
+    def set_serving(self, version: str, action: str, forced: bool = False, reason: str | None = None,
+                    site: dict | None = None) -> Pointer:
+        """Move the pointer (caller holds ``lock("promote")``); the checkpoint must load. ``site``: for a
+        site-adapted version, the site and what the guard measured on its held-out films (kept in the history)."""
         self.load(version)
-        return self._write_pointer(self.read_pointer(), version, action, forced, reason)
+        return self._write_pointer(self.read_pointer(), version, action, forced, reason, site)
 
     def repair(self, version: str | None = None) -> tuple[Pointer, str] | None:
         """A readable pointer naming a version that loads (caller holds ``lock("promote")``).
@@ -257,9 +259,9 @@ class ModelStore:
             lock.release()
 
     def _write_pointer(self, old: Pointer, version: str, action: str, forced: bool = False,
-                       reason: str | None = None) -> Pointer:
+                       reason: str | None = None, site: dict | None = None) -> Pointer:
         entry = {"version": version, "at": now(), "action": action, "forced": forced, "reason": reason,
-                 "by": operator()}
+                 "by": operator(), **({"site": site} if site else {})}
         pointer = Pointer(version, (*old.history, entry))
         text = json.dumps({"serving": pointer.serving, "history": list(pointer.history)}, indent=1).encode()
         for path in (self.pointer_path, self.backup_path):  # the pointer first: it is what serves

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from app.cases import Answer, CaseRecord
-from app.monitor import PSI_ALERT, figures, psi, wilson
+from app.monitor import PSI_ALERT, figures, psi
+from model.validation import wilson
 from training.site_shift import clahe, read_film
 
 
@@ -85,3 +86,40 @@ def test_agreement_below_the_model_cards_interval_raises_its_alert(app, tmp_path
     sensitivity = result["agreement"]["sensitivity"]
     assert sensitivity["value"] == 0.75 and sensitivity["n"] == 40
     assert any("sensitivity against the clinicians' overreads" in alert for alert in result["alerts"])
+
+
+def test_the_overread_cases_get_the_site_report_refused_films_counted_uncertain_left_out(app, tmp_path, predictor):
+    record = CaseRecord(f"sqlite:///{tmp_path / 'site.sqlite3'}")
+    record.migrate()
+    caught = Answer(0.9, 0.5, "PNEUMONIA", None, 0.1, None)
+    alarm = Answer(0.8, 0.5, "PNEUMONIA", None, 0.1, None)
+    cleared = Answer(0.1, 0.5, "NORMAL", None, 0.1, None)
+    refused = Answer(0.7, 0.5, None, "image", 2.0, None)
+    for answer, read in [(caught, "pneumonia")] * 3 + [(alarm, "normal"), (cleared, "normal"), (cleared, "normal"),
+                                                      (refused, "pneumonia"), (caught, "uncertain")]:
+        case_id = record.record(b"\xff\xd8", answer, predictor.version, "page", None, None)
+        record.add_overread(case_id, read, None, None)
+    with app.app_context():
+        report = figures(record.engine, predictor.version, predictor.checkpoint)["site_report"]
+    assert (report["films"], report["pneumonia"], report["normal"], report["uncertain"]) == (7, 4, 3, 1)
+    assert report["refused"]["successes"] == 1 and report["refused"]["why"] == {"image": 1}
+    assert report["sensitivity"]["value"] == 1.0 and report["sensitivity"]["n"] == 3
+    assert report["false_positive_rate"]["successes"] == 1 and report["false_positive_rate"]["n"] == 3
+    assert not report["trust"]["enough"] and report["trust"]["missing"] == {"pneumonia": 97, "normal": 97}
+
+
+def test_a_site_adapted_version_is_compared_with_its_own_site_not_the_test_split(app, tmp_path, predictor):
+    import dataclasses
+
+    from model.validation import local_validation
+
+    held = local_validation(np.array([1, 1, 0, 0]), np.array([0.9, 0.8, 0.2, 0.6]), 0.5)
+    checkpoint = dataclasses.replace(predictor.checkpoint, metrics={
+        **predictor.checkpoint.metrics, "site": {"name": "North", "held_out": held, "reference": [0.9, 0.8, 0.2, 0.6]}})
+    record = CaseRecord(f"sqlite:///{tmp_path / 'north.sqlite3'}")
+    record.migrate()
+    with app.app_context():
+        found = figures(record.engine, predictor.version, checkpoint)
+    assert found["reference_name"] == "site North's held-out films"
+    assert found["stability"]["reference"] == 4 and found["refusal"]["test_split"] == 0.0
+    assert found["agreement"]["specificity"]["model_card"] == 0.5

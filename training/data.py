@@ -108,11 +108,16 @@ def validation_split(files: list[str], labels: np.ndarray, fraction: float, seed
     One child's films never sit on both sides, so validation measures generalisation to
     new patients (the dataset has several films per child, and duplicate images).
     """
+    return grouped_split(labels, [patient_id(f) for f in files], fraction, seed)
+
+
+def grouped_split(labels: np.ndarray, groups: list, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, set aside) indices: about ``fraction`` of the groups set aside, stratified by label;
+    a group's films all fall on one side."""
     folds = max(2, round(1 / fraction))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    groups = [patient_id(f) for f in files]
-    train_index, val_index = next(splitter.split(np.zeros(len(labels)), labels, groups))
-    return train_index, val_index
+    kept, aside = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    return kept, aside
 
 
 def checkpoint_splits(training_data: dict, root, params: PreprocessParams, cache_dir, workers: int = 2,

@@ -205,6 +205,22 @@ CHANGES: dict[str, Change] = {
 }
 
 
+def chain(*changes: Change) -> Change:
+    """The changes one after the other, as a site's system applies its steps."""
+    def change(film: np.ndarray) -> np.ndarray:
+        for step in changes:
+            film = step(film)
+        return film
+    return change
+
+
+#: Sites simulated for onboarding (``training.site``, ``bench.site``): what each does to every film it exports.
+SIMULATED_SITES: dict[str, Change] = {
+    "collimated 8% + CLAHE clip 4": chain(collimated(0.08), clahe(4.0, 8)),
+    "burned-in text + CLAHE 16 x 16 tiles": chain(burned_in, clahe(2.0, 16)),
+}
+
+
 def read_film(path: Path) -> np.ndarray:
     """The film's gray pixels at full size, 8-bit, as the dataset holds them."""
     return eight_bit(decode_image(path.read_bytes()))

@@ -28,6 +28,7 @@ from model.store import ModelStore, StoreError
 
 from .data import DatasetError, load_split
 from .evaluate import evaluate
+from .site import held_out_films, leaked, scored
 
 log = logging.getLogger("training")
 
@@ -37,6 +38,8 @@ MAX_FALSE_POSITIVE_RATE = 0.35
 MIN_AUC = 0.96
 MAX_AUC_DROP = 0.005  # below the serving model's AUC
 MAX_OOD_FLAGGED = 0.05
+#: And for a site candidate, on the site's held-out slice (every film scored, refused or not):
+SITE_MIN_SENSITIVITY = 0.97  # the floor; the false-positive rate may not exceed the serving model's there
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     promote.add_argument("--data", type=Path, default=data_dir(), help="dataset folder with test/")
     promote.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     promote.add_argument("--workers", type=int, default=2)
+    promote.add_argument("--site-films", type=Path, default=None,
+                         help="for a site candidate (training.site adapt): the site's films it was adapted on")
     commands.add_parser("rollback", help="serve the previously served version again")
     repair = commands.add_parser("repair", help="restore a pointer that cannot be read or names a broken version")
     repair.add_argument("version", nargs="?", default=None,
@@ -84,12 +89,33 @@ def guard(candidate: dict, serving: dict, dry_run: bool, population_gate: bool =
     return reasons
 
 
-def side_by_side(candidate: tuple[str, dict], serving: tuple[str, dict]) -> str:
+def site_guard(candidate: dict, serving: dict, leaks: int) -> list[str]:
+    """Why a site candidate must not serve, from ``training.site.scored`` figures of both models on the
+    site's held-out slice; empty when it may."""
+    reasons = []
+    if leaks:
+        reasons.append(f"it was fitted on {leaks} films of its own held-out slice: the slice cannot judge it")
+    if not candidate["sensitivity"] >= SITE_MIN_SENSITIVITY:
+        reasons.append(f"sensitivity on the site's held-out films {candidate['sensitivity']:.3f} "
+                       f"< {SITE_MIN_SENSITIVITY}")
+    if not candidate["false_positive_rate"] <= serving["false_positive_rate"]:
+        reasons.append(f"false-positive rate on the site's held-out films {candidate['false_positive_rate']:.3f} is "
+                       f"above the serving model's {serving['false_positive_rate']:.3f}")
+    if not candidate["auc"] >= serving["auc"] - MAX_AUC_DROP:
+        reasons.append(f"AUC on the site's held-out films {candidate['auc']:.4f} is more than {MAX_AUC_DROP} below "
+                       f"the serving model's {serving['auc']:.4f}")
+    if candidate["refused"] > MAX_OOD_FLAGGED:
+        reasons.append(f"its gates refuse {candidate['refused']:.1%} of the site's held-out films "
+                       f"(at most {MAX_OOD_FLAGGED:.0%})")
+    return reasons
+
+
+def side_by_side(candidate: tuple[str, dict], serving: tuple[str, dict], title: str = "test split") -> str:
     rows = [("AUC", "auc", "{:.4f}"), ("sensitivity", "sensitivity", "{:.3f}"),
             ("false-positive rate", "false_positive_rate", "{:.3f}"), ("threshold", "threshold", "{:.4f}"),
-            ("gate flags (test)", "ood_flagged", "{:.1%}")]
+            ("gate flags (test)", "ood_flagged", "{:.1%}"), ("gates refuse", "refused", "{:.1%}")]
     width = max(len(candidate[0]), len(serving[0]), 12)
-    lines = [f"{'test split':<22}{'candidate':>{width + 2}}{'serving':>{width + 2}}",
+    lines = [title, f"{'':<22}{'candidate':>{width + 2}}{'serving':>{width + 2}}",
              f"{'':<22}{candidate[0]:>{width + 2}}{serving[0]:>{width + 2}}"]
     for label, key, fmt in rows:
         values = [fmt.format(m[key]) if m.get(key) is not None else "-" for m in (candidate[1], serving[1])]
@@ -157,20 +183,32 @@ def cmd_promote(store: ModelStore, args) -> int:
             print(f"refused: {args.version} was made with preprocessing {candidate.preprocess.to_dict()}, "
                   f"which this code does not use; no server could load it (--force cannot override this)")
             return 1
+        site = candidate.training_data.get("site")
+        if site and args.site_films is None:
+            raise DatasetError(f"{args.version} was adapted to site {site['name']}: the guard judges it on the "
+                               "site's held-out films; give their folder with --site-films DIR")
+        site_reasons, site_report = [], None
+        if site:
+            held = held_out_films(site, args.site_films, candidate.preprocess, args.workers)
+            site_report = {"name": site["name"], "films": len(held), "candidate": scored(Predictor(candidate), held),
+                           "serving": scored(Predictor(serving), held)}
+            print(side_by_side((args.version, site_report["candidate"]), (serving_version, site_report["serving"]),
+                               f"site {site['name']}, {len(held)} held-out films"))
+            site_reasons = site_guard(site_report["candidate"], site_report["serving"], leaked(site))
         test = load_split(args.data, "test", candidate.preprocess, args.cache_dir, args.workers, progress=False)
         candidate_metrics = evaluate(Predictor(candidate), test)
         serving_metrics = evaluate(Predictor(serving), test)
         for version, figures in ((args.version, candidate_metrics), (serving_version, serving_metrics)):
             store.record_guard(version, figures, len(test))
         print(side_by_side((args.version, candidate_metrics), (serving_version, serving_metrics)))
-        reasons = guard(candidate_metrics, serving_metrics, bool(candidate.training_data.get("dry_run")),
-                        candidate.population_gate is not None)
+        reasons = site_reasons + guard(candidate_metrics, serving_metrics, bool(candidate.training_data.get("dry_run")),
+                                       candidate.population_gate is not None)
         if reasons and not args.force:
             print(f"refused: {'; '.join(reasons)}")
             return 1
         if reasons:
             print(f"forced past the guard ({'; '.join(reasons)}): {args.reason}")
-        store.set_serving(args.version, "promote", forced=bool(reasons), reason=args.reason)
+        store.set_serving(args.version, "promote", forced=bool(reasons), reason=args.reason, site=site_report)
     print(f"promoted {args.version} (was {serving_version}); running servers switch within seconds")
     return 0
 
