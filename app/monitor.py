@@ -31,7 +31,7 @@ from flask import Blueprint, Response, current_app, jsonify, render_template
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from model import TsneMapError
+from model import TsneMapError, card
 from model.tsne_map import load_shared
 from model.validation import local_validation, proportion
 
@@ -70,19 +70,16 @@ def _test_probabilities(path: str, mtime_ns: int) -> tuple[str, np.ndarray]:
 def reference(version: str, checkpoint) -> dict:
     """What the serving version's recent films are compared with: for a site-adapted version the
     site's held-out films it was judged on, else the test split (probabilities from its t-SNE map)."""
-    site = checkpoint.metrics.get("site")
+    site = card.site(checkpoint.metrics)
     if site and site.get("reference"):
         held = site["held_out"]
         return {"name": f"site {site['name']}'s held-out films", "probabilities": np.asarray(site["reference"]),
                 "refused": held["refused"]["value"], "sensitivity": held["sensitivity"],
                 "false_positive_rate": held["false_positive_rate"]}
-    test = checkpoint.metrics.get("test", {})
-    card = checkpoint.metrics.get("site_shift", {}).get("as is", {}).get("intervals", {})
+    figures = card.card_figures(checkpoint.metrics)
     return {"name": "the test split", "probabilities": test_probabilities(version),
-            "refused": test.get("ood_flagged"),
-            "sensitivity": {"value": test.get("sensitivity"), "interval": card.get("sensitivity")},
-            "false_positive_rate": {"value": test.get("false_positive_rate"),
-                                    "interval": card.get("false_positive_rate")}}
+            "refused": figures["refused"]["value"], "sensitivity": figures["sensitivity"],
+            "false_positive_rate": figures["false_positive_rate"]}
 
 
 def test_probabilities(version: str) -> np.ndarray | None:

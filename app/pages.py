@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, url_for
 
+from model.card import GATE_GOALS, test_figures
 from model.neighbours import COUNT_K
 from model.store import StoreError
 
@@ -27,8 +28,6 @@ SIMILAR_SHOWN = 6
 ROBUSTNESS_NAMES = {"taller 8% (a wider film)": "stretched 8% taller (as a film 8% wider)",
                     "narrower 8% (a wider film)": "squeezed 8% narrower (as a film 8% wider)",
                     "shorter 8% (a narrower film)": "squeezed 8% shorter (as a film 8% narrower)"}
-GATE_GOALS = {"adult frontal, held-out patients": ">= 90%", "lateral, held-out patients": ">= 95%",
-              "test split": "<= 5%", "validation split": "<= 2%"}
 
 
 def upload_limits() -> dict:
@@ -63,7 +62,7 @@ def predict():
         aligned_uri=png_data_uri(prediction.aligned),
         saliency_uri=png_bytes_data_uri(saliency_png(prediction.aligned, prediction.saliency, side=64)),
         model=predictor.checkpoint,
-        test_metrics=predictor.checkpoint.metrics.get("test", {}),
+        test_metrics=test_figures(predictor.checkpoint.metrics),
         similar=similar,
     )
     response = Response(html)
@@ -157,7 +156,7 @@ def model_card():
         model=checkpoint,
         metrics=metrics,
         history=store_history(checkpoint.version),
-        gate_goals=GATE_GOALS,
+        gate_goals={name: goal.text for name, goal in GATE_GOALS.items()},
         roc_lines={name: roc_polyline(m.get("roc")) for name, m in metrics.items()},
         reliability={name: reliability_bars(m["calibration"]["bins"])
                      for name, m in metrics.items() if "calibration" in m},

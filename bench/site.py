@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from model import CLASS_NAMES, Predictor, load_checkpoint
+from model.card import ADULT_HELD_OUT, LATERAL_HELD_OUT
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
 from training.data import checkpoint_splits, grouped_split, load_adult_films, patient_id, scan_split
 from training.site import (
@@ -98,8 +99,8 @@ def row(site: str, films: str, mode: str, predictor: Predictor, changed, as_is, 
     return (f"| {site} | {films} | {mode} | {here['refused']['value']:.1%} | {fig(here['sensitivity'])} | "
             f"{fig(here['false_positive_rate'])} | {here['auc']['value']:.4f} | {there['auc']['value']:.4f} | "
             f"{fig(there['sensitivity'])} | {fig(there['false_positive_rate'])} | "
-            f"{adult_figures.get('adult frontal, held-out patients', {}).get('flagged', float('nan')):.1%} | "
-            f"{adult_figures.get('lateral, held-out patients', {}).get('flagged', float('nan')):.1%} | "
+            f"{adult_figures.get(ADULT_HELD_OUT, {}).get('flagged', float('nan')):.1%} | "
+            f"{adult_figures.get(LATERAL_HELD_OUT, {}).get('flagged', float('nan')):.1%} | "
             f"{verdict} | {seconds} |")
 
 
@@ -111,7 +112,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 300])
     parser.add_argument("--modes", nargs="+", choices=("threshold", "fine-tune"), default=["threshold", "fine-tune"])
     parser.add_argument("--sites", nargs="+", choices=list(SIMULATED_SITES), default=list(SIMULATED_SITES))
-    parser.add_argument("--tune", default="all")
+    parser.add_argument("--tune", default="norm")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()

@@ -165,17 +165,3 @@ def local_validation(labels: np.ndarray, probabilities: np.ndarray, threshold: f
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN
-
-
-def card_figures(metrics: dict) -> dict:
-    """What a model card says of the test split, in the shape the report compares with:
-    sensitivity, false-positive rate and AUC with their intervals, and the share refused."""
-    test = metrics.get("test", {})
-    card = metrics.get("site_shift", {}).get("as is", {}).get("intervals", {})
-    return {
-        "sensitivity": {"value": test.get("sensitivity"), "interval": card.get("sensitivity")},
-        "false_positive_rate": {"value": test.get("false_positive_rate"), "interval": card.get("false_positive_rate")},
-        "auc": {"value": test.get("auc"), "interval": card.get("auc")},
-        "refused": {"value": test.get("ood_flagged")},
-        "films": test.get("n"),
-    }

@@ -7,7 +7,8 @@ import pytest
 from app.cases import Answer, CaseRecord
 from app.monitor import PSI_ALERT, figures, psi
 from model.validation import wilson
-from training.site_shift import clahe, read_film
+from training.film_changes import clahe
+from training.site_shift import read_film
 
 
 def test_the_stability_index_is_zero_for_the_same_mix_and_large_for_another():
@@ -52,7 +53,7 @@ def test_the_test_splits_own_films_raise_no_alert(app, tmp_path, predictor, samp
 
 
 def test_films_under_local_contrast_processing_raise_the_refusal_alert(app, tmp_path, predictor, sample):
-    found = monitored(app, tmp_path, predictor, [clahe(16.0, 8)(film) for film in sample], "clahe")
+    found = monitored(app, tmp_path, predictor, [clahe(film, 16.0, 8) for film in sample], "clahe")
     assert found["refusal"]["value"] >= 2 * found["refusal"]["test_split"]
     assert any("refused as outside the intended use" in alert for alert in found["alerts"])
 

@@ -8,6 +8,7 @@ import torch
 from harness.dicom_files import make_dicom, twelve_bit
 from harness.images import encode, synthetic_xray
 from model import CheckpointError, load_checkpoint, save_checkpoint
+from model.card import ADULT_HELD_OUT
 from model.film_facts import FilmFacts, age_from_dates, parse_dicom_age
 from model.intended_use import IntendedUse, metadata_reasons
 from model.population import KINDS, PopulationGate, PopulationHead, PopulationNet
@@ -164,7 +165,7 @@ def test_adult_and_lateral_films_of_held_out_patients_are_refused(app, real_adul
     flagged = out.ood_scores > 1
     assert flagged[kinds == 1].mean() >= 0.90 and flagged[kinds == 2].mean() >= 0.95
     stored = predictor.checkpoint.metrics["population_gate"]
-    assert flagged[kinds == 1].mean() == pytest.approx(stored["adult frontal, held-out patients"]["flagged"])
+    assert flagged[kinds == 1].mean() == pytest.approx(stored[ADULT_HELD_OUT]["flagged"])
     # the reason names adults: alone where only the population gate refused the film,
     # among the possibilities where the other part of the gate refused it too
     reasons = out.outside[kinds == 1][flagged[kinds == 1]]

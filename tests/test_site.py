@@ -17,7 +17,8 @@ from model.store import ModelStore
 from model.validation import auc, bootstrap_auc, calibration, local_validation, trust, wilson
 from training import site as site_command
 from training import store as store_command
-from training.store import SITE_MIN_SENSITIVITY, site_guard
+from training.site import SITE_MIN_SENSITIVITY
+from training.store import site_guard
 
 BUNDLED = load_checkpoint(DEFAULT_CHECKPOINT)
 
@@ -150,7 +151,8 @@ def test_report_reads_a_site_folder_through_the_product_path(real_data, tmp_path
     assert site["refused"]["why"].get("age") == 1
     # The figures are the app's own answers to the same files.
     predictor = Predictor(BUNDLED)
-    answers = {p.name: predictor.predict(p.read_bytes()) for p in folder.rglob("*") if p.name != "broken.jpeg"}
+    answers = {p.name: predictor.predict(p.read_bytes()) for p in folder.rglob("*")
+               if p.is_file() and p.name != "broken.jpeg"}
     answered = {name: a for name, a in answers.items() if a.in_distribution}
     flagged_pneumonia = sum(a.is_pneumonia for name, a in answered.items() if (folder / "PNEUMONIA" / name).exists())
     assert site["sensitivity"]["successes"] == flagged_pneumonia

@@ -13,6 +13,7 @@ from model import Predictor, PreprocessParams, load_checkpoint, preprocess
 from model.intended_use import polarity
 from model.settings import DEFAULT_CHECKPOINT
 from model.store import ModelStore
+from training import film_changes as changes
 from training import site_shift, train
 from training.data import load_split
 from training.processing import FAMILIES, process, rng_for
@@ -114,7 +115,7 @@ def test_native_resolution_changes_no_decision(real_data):
     films = sorted((test / "NORMAL").iterdir())[:10] + sorted((test / "PNEUMONIA").iterdir())[:10]
     for path in films:
         film = site_shift.read_film(path)
-        decisions = {predictor.predict(encode(site_shift.resampled(side)(film), ".png")).label
+        decisions = {predictor.predict(encode(changes.resample(film, side), ".png")).label
                      for side in (800, 2500)}
         decisions.add(predictor.predict(path.read_bytes()).label)
         assert len(decisions) == 1, path.name
@@ -127,7 +128,7 @@ def test_an_inverted_film_is_refused_never_scored(real_data):
     inputs = np.stack([predictor.preprocess(path.read_bytes()) for path in films])
     assert (polarity(inputs) > 0).all() and (polarity(1 - inputs) < 0).all()
     for path in films:
-        inverted = encode(site_shift.inverted(site_shift.read_film(path)), ".png")
+        inverted = encode(changes.invert(site_shift.read_film(path)), ".png")
         prediction = predictor.predict(inverted)
         assert prediction.label is None and prediction.ood_score > 1
         assert prediction.population_reasons[0].check == "image"

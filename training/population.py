@@ -26,6 +26,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from model import CheckpointError, Predictor, load_checkpoint, save_checkpoint
+from model.card import ADULT_HELD_OUT, LATERAL_HELD_OUT, TEST_SPLIT, VALIDATION_SPLIT
 from model.population import KINDS, PopulationHead
 from model.predictor import infer_batches
 from model.settings import (
@@ -111,10 +112,10 @@ def gate_sets(val: Split, test: Split, adult: AdultFilms) -> dict[str, np.ndarra
     """The sets the gate is judged on: adults' and lateral films of held-out patients, test, validation."""
     kinds, held_out = adult.films.labels, adult.held_out()
     return {
-        "adult frontal, held-out patients": adult.films.images[held_out & (kinds == 1)],
-        "lateral, held-out patients": adult.films.images[held_out & (kinds == 2)],
-        "test split": test.images,
-        "validation split": val.images,
+        ADULT_HELD_OUT: adult.films.images[held_out & (kinds == 1)],
+        LATERAL_HELD_OUT: adult.films.images[held_out & (kinds == 2)],
+        TEST_SPLIT: test.images,
+        VALIDATION_SPLIT: val.images,
     }
 
 

@@ -16,62 +16,54 @@ from __future__ import annotations
 
 import hashlib
 
-import cv2
 import numpy as np
 
+from . import film_changes as changes
+
 #: Bump when a family or its ranges change: the cached processed copies depend on them.
-PROCESSING_VERSION = 1
+#: 2: the families draw through ``film_changes`` (text placed to the nearest pixel, not truncated).
+PROCESSING_VERSION = 2
 
 
 def _clahe(film: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     clip = float(rng.uniform(0.8, 4.0))
-    tiles = int(rng.choice([4, 6, 8, 10]))
-    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(film)
+    return changes.clahe(film, clip, int(rng.choice([4, 6, 8, 10])))
 
 
 def _equalise(film: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    equalised = cv2.equalizeHist(film).astype(np.float32)
-    blend = float(rng.uniform(0.5, 1.0))  # full or partial equalisation
-    return np.clip(blend * equalised + (1 - blend) * film, 0, 255).astype(np.uint8)
+    return changes.equalise(film, float(rng.uniform(0.5, 1.0)))  # full or partial equalisation
 
 
 def _unsharp(film: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     sigma = float(rng.uniform(0.01, 0.1)) * min(film.shape)
-    amount = float(rng.uniform(0.4, 1.5))
-    x = film.astype(np.float32)
-    return np.clip(x + amount * (x - cv2.GaussianBlur(x, (0, 0), sigma)), 0, 255).astype(np.uint8)
+    return changes.unsharp(film, sigma, float(rng.uniform(0.4, 1.5)), exact=True)
 
 
 def _curve(film: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A look-up curve: gamma, then the range mapped into a window."""
     gamma = float(np.exp(rng.uniform(-0.5, 0.5)))
     low = float(rng.uniform(0.0, 0.2))
-    high = float(rng.uniform(0.7, 1.0))
-    table = np.clip(255 * (low + (high - low) * (np.arange(256) / 255) ** gamma), 0, 255).astype(np.uint8)
-    return cv2.LUT(film, table)
+    return changes.curve(film, gamma, low, float(rng.uniform(0.7, 1.0)))
 
 
 def _recompressed(film: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    ok, data = cv2.imencode(".jpg", film, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(15, 60))])
-    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    return changes.jpeg(film, int(rng.integers(15, 60)))
 
 
 def _noisy(film: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.clip(film + rng.normal(0, float(rng.uniform(2, 8)), film.shape), 0, 255).astype(np.uint8)
+    return changes.noise(film, float(rng.uniform(2, 8)), rng)
 
 
 def _text(film: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A side marker and a line of text, white, somewhere near the edges."""
-    out = film.copy()
-    height, width = film.shape
-    scale = min(film.shape) / 400
+    lines = []
     for _ in range(int(rng.integers(1, 3))):
-        text = "".join(rng.choice(list("ABCDEFGHKLMNPRSTUVX0123456789 :-"), int(rng.integers(1, 12))))
+        string = "".join(rng.choice(list("ABCDEFGHKLMNPRSTUVX0123456789 :-"), int(rng.integers(1, 12))))
         row = rng.uniform(0.05, 0.15) if rng.random() < 0.5 else rng.uniform(0.85, 0.97)
-        origin = (int(rng.uniform(0.02, 0.6) * width), int(row * height))
-        cv2.putText(out, text, origin, cv2.FONT_HERSHEY_SIMPLEX, float(rng.uniform(0.5, 2.0)) * scale,
-                    int(rng.choice([255, 230, 0])), max(1, round(2 * scale)))
-    return out
+        x = rng.uniform(0.02, 0.6)
+        lines.append((string, (float(x), float(row)), float(rng.uniform(0.5, 2.0)), int(rng.choice([255, 230, 0])),
+                      False))
+    return changes.text(film, lines)
 
 
 #: name -> processing; ``process`` draws one or two of them for a copy.

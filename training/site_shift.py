@@ -23,15 +23,16 @@ import logging
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from model import CheckpointError, ImageError, Predictor, load_checkpoint, preprocess, save_checkpoint
 from model.decode import decode_image
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
 
+from . import film_changes as changes
 from .data import DatasetError, checkpoint_splits, eight_bit, load_adult_films, scan_split
 from .metrics import roc_auc
 
@@ -40,168 +41,44 @@ log = logging.getLogger("training")
 Change = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W) film -> uint8 film
 
 
-def border(fraction: float, value: int) -> Change:
-    """A uniform frame of ``fraction`` of the shorter side on every edge."""
-    def change(film: np.ndarray) -> np.ndarray:
-        width = max(1, round(fraction * min(film.shape)))
-        return cv2.copyMakeBorder(film, width, width, width, width, cv2.BORDER_CONSTANT, value=value)
-    return change
-
-
-def letterbox(value: int) -> Change:
-    """Padded to a square (the short side filled), as a viewer exporting a square image does."""
-    def change(film: np.ndarray) -> np.ndarray:
-        height, width = film.shape
-        side = max(height, width)
-        top, left = (side - height) // 2, (side - width) // 2
-        return cv2.copyMakeBorder(film, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT,
-                                  value=value)
-    return change
-
-
-def collimated(fraction: float) -> Change:
-    """Tighter framing: ``fraction`` of each side cut away."""
-    def change(film: np.ndarray) -> np.ndarray:
-        height, width = film.shape
-        dy, dx = round(fraction * height), round(fraction * width)
-        return film[dy : height - dy, dx : width - dx]
-    return change
-
-
-def clahe(clip: float, tiles: int) -> Change:
-    return lambda film: cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(film)
-
-
-def smooth(x: np.ndarray, sigma: float) -> np.ndarray:
-    """A Gaussian blur of ``sigma`` pixels; a wide one is taken on a smaller copy (the same low-pass)."""
-    if sigma <= 8:
-        return cv2.GaussianBlur(x, (0, 0), sigma)
-    factor = sigma / 4
-    small = cv2.resize(x, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
-    return cv2.resize(cv2.GaussianBlur(small, (0, 0), 4), x.shape[::-1], interpolation=cv2.INTER_LINEAR)
-
-
-def unsharp(sigma_fraction: float, amount: float) -> Change:
-    """Unsharp masking with a Gaussian of ``sigma_fraction`` of the shorter side."""
-    def change(film: np.ndarray) -> np.ndarray:
-        x = film.astype(np.float32)
-        return np.clip(x + amount * (x - smooth(x, sigma_fraction * min(film.shape))), 0, 255).astype(np.uint8)
-    return change
-
-
-def multiscale(film: np.ndarray) -> np.ndarray:
-    """Multi-scale enhancement: detail at three scales boosted, as vendors' processing does."""
-    x = film.astype(np.float32)
-    out = x.copy()
-    for fraction, gain in ((0.005, 0.6), (0.02, 0.5), (0.08, 0.4)):
-        out += gain * (x - smooth(x, fraction * min(film.shape)))
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def gamma(value: float) -> Change:
-    table = np.clip(255 * (np.arange(256) / 255) ** value, 0, 255).astype(np.uint8)
-    return lambda film: cv2.LUT(film, table)
-
-
-def window(low: float, high: float) -> Change:
-    """Exposure and contrast: the film's gray levels mapped into [low, high] of the range."""
-    table = np.clip(255 * (low + (high - low) * np.arange(256) / 255), 0, 255).astype(np.uint8)
-    return lambda film: cv2.LUT(film, table)
-
-
-def noise(sigma: float) -> Change:
-    def change(film: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng(int(film[::97, ::89].sum()) % 2**32)  # the same noise for a film every run
-        grain = rng.standard_normal(film.shape, dtype=np.float32) * sigma
-        return np.clip(film + grain, 0, 255).astype(np.uint8)
-    return change
-
-
-def jpeg(quality: int) -> Change:
-    def change(film: np.ndarray) -> np.ndarray:
-        ok, data = cv2.imencode(".jpg", film, [cv2.IMWRITE_JPEG_QUALITY, quality])
-        return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
-    return change
-
-
-def low_resolution(side: int) -> Change:
-    """Exported small: the longer side brought to ``side`` pixels."""
-    def change(film: np.ndarray) -> np.ndarray:
-        scale = side / max(film.shape)
-        return cv2.resize(film, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else film
-    return change
-
-
-def resampled(side: int) -> Change:
-    """The same film at another native resolution: the longer side at ``side`` pixels."""
-    def change(film: np.ndarray) -> np.ndarray:
-        scale = side / max(film.shape)
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-        return cv2.resize(film, None, fx=scale, fy=scale, interpolation=interpolation)
-    return change
-
-
-def burned_in(film: np.ndarray) -> np.ndarray:
-    """A side marker and two lines of text in white, as many systems burn them in."""
-    out = film.copy()
-    height, width = film.shape
-    scale = min(film.shape) / 400
-    thickness = max(1, round(2 * scale))
-    cv2.putText(out, "R", (round(0.06 * width), round(0.12 * height)), cv2.FONT_HERSHEY_SIMPLEX, 2.0 * scale, 255,
-                thickness + 1)
-    for row, text in enumerate(("AP SUPINE  PORTABLE", "2026-12-06 04:18  kV 60 mAs 2.0")):
-        cv2.putText(out, text, (round(0.45 * width), round((0.90 + 0.05 * row) * height)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.6 * scale, 255, thickness)
-    return out
-
-
-def rotated(degrees: float) -> Change:
-    def change(film: np.ndarray) -> np.ndarray:
-        height, width = film.shape
-        matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
-        return cv2.warpAffine(film, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                              borderValue=0)
-    return change
-
-
-def inverted(film: np.ndarray) -> np.ndarray:
-    """A MONOCHROME1 film exported without inversion: bone dark, air bright."""
-    return 255 - film
+def seeded_noise(sigma: float) -> Change:
+    """Grain of ``sigma`` gray levels, the same for a film every run."""
+    return lambda film: changes.noise(film, sigma, np.random.default_rng(int(film[::97, ::89].sum()) % 2**32))
 
 
 #: The rows of the suite, in the order they print.
 CHANGES: dict[str, Change] = {
     "as is": lambda film: film,
-    "black border, 2% of the side": border(0.02, 0),
-    "black border, 5%": border(0.05, 0),
-    "black border, 10%": border(0.10, 0),
-    "gray border, 5%": border(0.05, 128),
-    "white border, 5%": border(0.05, 255),
-    "padded to a square (letterbox, black)": letterbox(0),
-    "padded to a square (letterbox, white)": letterbox(255),
-    "collimated: 8% of each side cut": collimated(0.08),
-    "CLAHE, clip 1, 8 x 8 tiles": clahe(1.0, 8),
-    "CLAHE, clip 2, 8 x 8 tiles": clahe(2.0, 8),
-    "CLAHE, clip 4, 8 x 8 tiles": clahe(4.0, 8),
-    "CLAHE, clip 2, 4 x 4 tiles": clahe(2.0, 4),
-    "CLAHE, clip 2, 16 x 16 tiles": clahe(2.0, 16),
-    "histogram equalisation": cv2.equalizeHist,
-    "unsharp masking, large kernel": unsharp(0.05, 1.0),
-    "unsharp masking, small kernel": unsharp(0.005, 1.5),
-    "multi-scale enhancement": multiscale,
-    "gamma 0.7": gamma(0.7),
-    "gamma 1.4": gamma(1.4),
-    "low contrast window (20-80%)": window(0.2, 0.8),
-    "darker exposure (0-70%)": window(0.0, 0.7),
-    "noise, sigma 6 gray levels": noise(6.0),
-    "JPEG quality 30": jpeg(30),
-    "low resolution, 320 px": low_resolution(320),
-    "resampled to 800 px": resampled(800),
-    "resampled to 2,500 px": resampled(2500),
-    "burned-in text and side marker": burned_in,
-    "rotated +5°": rotated(5.0),
-    "rotated -5°": rotated(-5.0),
-    "inverted polarity": inverted,
+    "black border, 2% of the side": partial(changes.border, fraction=0.02, value=0),
+    "black border, 5%": partial(changes.border, fraction=0.05, value=0),
+    "black border, 10%": partial(changes.border, fraction=0.10, value=0),
+    "gray border, 5%": partial(changes.border, fraction=0.05, value=128),
+    "white border, 5%": partial(changes.border, fraction=0.05, value=255),
+    "padded to a square (letterbox, black)": partial(changes.letterbox, value=0),
+    "padded to a square (letterbox, white)": partial(changes.letterbox, value=255),
+    "collimated: 8% of each side cut": partial(changes.collimate, fraction=0.08),
+    "CLAHE, clip 1, 8 x 8 tiles": partial(changes.clahe, clip=1.0, tiles=8),
+    "CLAHE, clip 2, 8 x 8 tiles": partial(changes.clahe, clip=2.0, tiles=8),
+    "CLAHE, clip 4, 8 x 8 tiles": partial(changes.clahe, clip=4.0, tiles=8),
+    "CLAHE, clip 2, 4 x 4 tiles": partial(changes.clahe, clip=2.0, tiles=4),
+    "CLAHE, clip 2, 16 x 16 tiles": partial(changes.clahe, clip=2.0, tiles=16),
+    "histogram equalisation": changes.equalise,
+    "unsharp masking, large kernel": lambda film: changes.unsharp(film, 0.05 * min(film.shape), 1.0),
+    "unsharp masking, small kernel": lambda film: changes.unsharp(film, 0.005 * min(film.shape), 1.5),
+    "multi-scale enhancement": changes.multiscale,
+    "gamma 0.7": partial(changes.curve, gamma=0.7),
+    "gamma 1.4": partial(changes.curve, gamma=1.4),
+    "low contrast window (20-80%)": partial(changes.curve, low=0.2, high=0.8),
+    "darker exposure (0-70%)": partial(changes.curve, low=0.0, high=0.7),
+    "noise, sigma 6 gray levels": seeded_noise(6.0),
+    "JPEG quality 30": partial(changes.jpeg, quality=30),
+    "low resolution, 320 px": partial(changes.resample, side=320, enlarge=False),
+    "resampled to 800 px": partial(changes.resample, side=800),
+    "resampled to 2,500 px": partial(changes.resample, side=2500),
+    "burned-in text and side marker": changes.burned_in,
+    "rotated +5°": partial(changes.rotate, degrees=5.0),
+    "rotated -5°": partial(changes.rotate, degrees=-5.0),
+    "inverted polarity": changes.invert,
 }
 
 
@@ -216,8 +93,9 @@ def chain(*changes: Change) -> Change:
 
 #: Sites simulated for onboarding (``training.site``, ``bench.site``): what each does to every film it exports.
 SIMULATED_SITES: dict[str, Change] = {
-    "collimated 8% + CLAHE clip 4": chain(collimated(0.08), clahe(4.0, 8)),
-    "burned-in text + CLAHE 16 x 16 tiles": chain(burned_in, clahe(2.0, 16)),
+    "collimated 8% + CLAHE clip 4": chain(CHANGES["collimated: 8% of each side cut"],
+                                          CHANGES["CLAHE, clip 4, 8 x 8 tiles"]),
+    "burned-in text + CLAHE 16 x 16 tiles": chain(changes.burned_in, CHANGES["CLAHE, clip 2, 16 x 16 tiles"]),
 }
 
 
