@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -261,3 +262,27 @@ def test_the_guard_refuses_a_candidate_adapted_on_flipped_labels(real_data, adap
     assert run_store(store, "promote", version, "--site-films", flipped) == 1
     assert "false-positive rate" in capsys.readouterr().out.split("refused:")[-1]
     assert ModelStore(store).serving_version() == BUNDLED.version
+
+
+def test_a_refused_film_is_no_dead_end_its_read_counts_as_site_evidence(app, uploads, pediatric_film):
+    from app.monitor import current_figures
+    from tests.client import CSRF
+
+    def evidence() -> dict:
+        with app.test_request_context():
+            return current_figures()["site_report"]
+
+    before = evidence()
+    page = uploads.form(pediatric_film, age_years="40").get_data(as_text=True)  # an adult's age: refused
+    assert 'id="ood-warning"' in page and 'id="probability"' not in page
+    assert 'id="overread"' in page and "record your read below" in page
+    case_id = re.search(r'id="case-id">Case <a href="/cases/([\w-]+)"', page).group(1)
+    answer = uploads.client.post(f"/cases/{case_id}/overread",
+                                 data={"csrf_token": CSRF.search(page).group(1), "read": "pneumonia"})
+    assert answer.status_code == 302
+    case_page = uploads.client.get(f"/cases/{case_id}").get_data(as_text=True)
+    assert 'id="refused-read"' in case_page and 'id="overread"' in case_page
+    after = evidence()
+    assert after["pneumonia"] == before["pneumonia"] + 1
+    assert after["refused"]["successes"] == before["refused"]["successes"] + 1
+    assert after["refused"]["why"].get("age", 0) == before["refused"]["why"].get("age", 0) + 1
