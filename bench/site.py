@@ -8,7 +8,7 @@ site gives for onboarding: ``adapt`` gets the first N of its films (stratified; 
 held-out slice for the guard comes out of those N). The second half, changed the same way,
 is held out of everything: the candidate is measured there (the site's goals), and on that
 half as it is (the original films: nothing forgotten), and on the adult and lateral films
-of the patients the population gate never saw. Per row: refused, sensitivity and
+of the patients the population gate never saw, and on the tests' non-X-ray images. Per row: refused, sensitivity and
 false-positive rate on the films answered, AUC; whether ``training.store promote`` would
 pass it (its guard on the candidate's own held-out slice and on the test split); and the
 seconds ``adapt`` took. The first row of each site is the serving (parent) model.
@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from harness.non_xray import non_xray_images
 from model import CLASS_NAMES, Predictor, load_checkpoint
 from model.card import ADULT_HELD_OUT, LATERAL_HELD_OUT
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
@@ -88,19 +89,20 @@ def subset_folder(items: list[tuple[str, int]], exported: Path, folder: Path) ->
 
 
 def row(site: str, films: str, mode: str, predictor: Predictor, changed, as_is, adult_figures: dict,
-        verdict: str, seconds: str) -> str:
+        non_xray: np.ndarray, verdict: str, seconds: str) -> str:
     here = report(predictor, changed)["site"]
+    refused_non_xray = float(np.mean(predictor.predict_many(non_xray).ood_scores > 1))
     there = report(predictor, as_is)["site"]
 
-    def fig(found: dict) -> str:
+    def fig(found: dict, form: str = "{:.3f}") -> str:
         value = found["value"]
-        return "-" if value is None else f"{value:.3f}"
+        return "-" if value is None else form.format(value)
 
     return (f"| {site} | {films} | {mode} | {here['refused']['value']:.1%} | {fig(here['sensitivity'])} | "
-            f"{fig(here['false_positive_rate'])} | {here['auc']['value']:.4f} | {there['auc']['value']:.4f} | "
+            f"{fig(here['false_positive_rate'])} | {fig(here['auc'], '{:.4f}')} | {fig(there['auc'], '{:.4f}')} | "
             f"{fig(there['sensitivity'])} | {fig(there['false_positive_rate'])} | "
             f"{adult_figures.get(ADULT_HELD_OUT, {}).get('flagged', float('nan')):.1%} | "
-            f"{adult_figures.get(LATERAL_HELD_OUT, {}).get('flagged', float('nan')):.1%} | "
+            f"{adult_figures.get(LATERAL_HELD_OUT, {}).get('flagged', float('nan')):.1%} | {refused_non_xray:.0%} | "
             f"{verdict} | {seconds} |")
 
 
@@ -122,6 +124,7 @@ def main() -> int:
     train, val, test = checkpoint_splits(parent.training_data, args.data, parent.preprocess, DEFAULT_CACHE_DIR,
                                          progress=False)
     adult = load_adult_films(args.adult_data, parent.preprocess, DEFAULT_CACHE_DIR, progress=False)
+    non_xray = np.stack([serving.preprocess(image) for _, image in non_xray_images()])
     items = scan_split(args.data, "test")
     labels = np.array([label for _, label in items])
     onboard, held = grouped_split(labels, [patient_id(rel) for rel, _ in items], 0.5, seed=0)
@@ -130,8 +133,8 @@ def main() -> int:
           f"{len(held_items)} held out; {torch.get_num_threads()} threads")
     print(f"goals: {GOALS}")
     print("| site | site films | model | refused | sensitivity | FPR | AUC | as is: AUC | as is: sensitivity | "
-          "as is: FPR | adults refused | laterals refused | promote | adapt s |")
-    print("| --- " * 14 + "|")
+          "as is: FPR | adults refused | laterals refused | non-X-rays refused | promote | adapt s |")
+    print("| --- " * 15 + "|")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         export(held_items, args.data, root / "as-is", None, args.workers)
@@ -142,7 +145,7 @@ def main() -> int:
             export(held_items, args.data, root / f"site{s}" / "held", site, args.workers)
             changed = read_films(labelled_files(root / f"site{s}" / "held"), root / f"site{s}" / "held",
                                  parent.preprocess)
-            print(row(site, "-", "serving", serving, changed, as_is, parent_adults, "-", "-"), flush=True)
+            print(row(site, "-", "serving", serving, changed, as_is, parent_adults, non_xray, "-", "-"), flush=True)
             for n in args.sizes:
                 folder = root / f"site{s}" / f"n{n}"
                 subset_folder(first_n(onboard_items, n), root / f"site{s}" / "onboard", folder)
@@ -162,7 +165,8 @@ def main() -> int:
                     verdict = "passes" if not reasons else "refused: " + "; ".join(r.split(":")[0][:40]
                                                                                   for r in reasons)
                     print(row(site, str(len(films)), mode, predictor, changed, as_is,
-                              candidate.metrics.get("population_gate", {}), verdict, f"{seconds:.0f}"), flush=True)
+                              candidate.metrics.get("population_gate", {}), non_xray, verdict, f"{seconds:.0f}"),
+                          flush=True)
     return 0
 
 

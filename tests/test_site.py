@@ -67,6 +67,19 @@ def test_the_bootstrap_interval_holds_the_auc_and_narrows_with_more_films():
     assert bootstrap_auc(np.ones(4), np.arange(4)) is None
 
 
+def test_the_bootstrap_interval_is_as_wide_as_hanley_and_mcneil_say():
+    rng = np.random.default_rng(3)
+    positives, negatives = 300, 400
+    labels = np.r_[np.ones(positives), np.zeros(negatives)]
+    scores = rng.normal(labels * 1.2, 1.0)
+    a = auc(labels, scores)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = np.sqrt((a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a))
+                 / (positives * negatives))
+    low, high = bootstrap_auc(labels, scores)
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)
+
+
 def test_calibration_slope_is_one_when_calibrated_and_below_when_overconfident():
     rng = np.random.default_rng(2)
     p = rng.uniform(0.02, 0.98, 20000)

@@ -89,9 +89,9 @@ from .recipe import Recipe
 log = logging.getLogger("training")
 
 #: Share of the site's films (by patient) held out for the promotion guard.
-HELD_OUT_FRACTION = 0.3
+HELD_OUT_FRACTION = 1 / 3
 #: Of the rest, the share that sets the threshold and the gates' quantiles (the others tune).
-CHOOSE_FRACTION = 0.35
+CHOOSE_FRACTION = 1 / 3
 #: Fine-tuning: steps, films a step (half the site's, half replayed), learning rate, what moves.
 #: The normalisation layers and the head (``norm``): on a simulated site they brought the site's
 #: normal films back below the original threshold, where tuning every weight or the head alone
@@ -400,7 +400,7 @@ def class_balanced(labels: torch.Tensor) -> torch.Tensor:
 
 
 def fine_tune(parent: Checkpoint, site: SiteFilms, replay_images: np.ndarray, replay_labels: np.ndarray,
-              tune: str = "all", steps: int = STEPS, seed: int = 0) -> list[dict]:
+              tune: str = "norm", steps: int = STEPS, seed: int = 0) -> list[dict]:
     """The parent's weights after ``steps`` steps on batches of half the site's films and half the
     original training films (each augmented as in training; each half's classes weighted equally)."""
     recipe = Recipe(**{k: v for k, v in parent.training_data.get("recipe", {}).items()
@@ -440,6 +440,15 @@ def repeated(images: np.ndarray, times: int) -> np.ndarray:
     return np.concatenate([images] * max(1, times)) if len(images) else images
 
 
+def site_factor(scores: np.ndarray) -> float:
+    """How far to raise a gate's threshold (scores in its units, above 1 refused) so that the site's films
+    pass: a few dozen films say little of their own tail, so the larger of their high quantile and their
+    mean plus three standard deviations (a normal tail's 99.9%); never lowered."""
+    scores = np.asarray(scores, dtype=np.float64)
+    spread = float(scores.mean() + 3 * scores.std()) if len(scores) > 1 else 0.0
+    return max(1.0, float(np.quantile(scores, GATE_QUANTILE)) if len(scores) else 0.0, spread)
+
+
 def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosing: SiteFilms, adult):
     """Both gates refitted with the site's tuning films among the children's, each threshold the higher of
     its validation rule on the original validation films and on the site's choosing films: the site's films
@@ -449,9 +458,9 @@ def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosin
     gate = fit_gate(infer_batches(model, np.r_[train.images, tuning.inputs]).features,
                     np.r_[train.labels, tuning.labels], np.r_[train.images, tuning.inputs],
                     val_out.features, val.images)
-    gate.threshold = max(gate.threshold, float(np.quantile(gate.scores(site_out.features, choosing.inputs),
-                                                           GATE_QUANTILE)))
-    gate.rule += f"; and at least its {GATE_QUANTILE:.1%} quantile on the site's films set apart for choosing"
+    gate.threshold *= site_factor(gate.scores(site_out.features, choosing.inputs))
+    gate.rule += ("; raised where the site's films set apart for choosing need it, to their mean plus three "
+                  f"standard deviations or their {GATE_QUANTILE:.1%} quantile")
     population_gate = parent.population_gate
     if adult is not None:
         fit = ~adult.held_out()
@@ -465,13 +474,13 @@ def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosin
 
 
 def adapt(parent: Checkpoint, site_name: str, films: SiteFilms, held_out: np.ndarray, rest: np.ndarray,
-          train, val, test, adult, *, threshold_only: bool = False, tune: str = "all", steps: int = STEPS,
-          seed: int = 0, replay_limit: int | None = None) -> Checkpoint:
+          train, val, test, adult, *, threshold_only: bool = False, tune: str = "norm", steps: int = STEPS,
+          seed: int = 0, replay_limit: int | None = None, patients: dict[str, str] | None = None) -> Checkpoint:
     """The site candidate: see the module's docstring. ``train``/``val``/``test``: the parent's own
     splits (``checkpoint_splits``); ``adult``: ``AdultFilms`` or None (the parent's population gate stays)."""
     started = time.perf_counter()
     rest_films = films.subset(rest)
-    tune_index, choose_index = split_site(rest_films, groups_of(rest_films, {}), CHOOSE_FRACTION, seed)
+    tune_index, choose_index = split_site(rest_films, groups_of(rest_films, patients or {}), CHOOSE_FRACTION, seed)
     tuning, choosing = rest_films.subset(tune_index), rest_films.subset(choose_index)
     if threshold_only:
         states = parent.state_dicts
@@ -606,9 +615,10 @@ def cmd_adapt(args, store: ModelStore) -> int:
         return 2
     parent = serving_checkpoint(args, store)
     films = read_films(labelled_files(args.films), args.films, parent.preprocess, args.workers)
-    rest, held_out = split_site(films, groups_of(films, patient_map(args.patients)), HELD_OUT_FRACTION, args.seed)
+    patients = patient_map(args.patients)
+    rest, held_out = split_site(films, groups_of(films, patients), HELD_OUT_FRACTION, args.seed)
     log.info("site %s: %d films; %d held out for the guard (%d patients or duplicate groups)", args.site, len(films),
-             len(held_out), len(set(groups_of(films.subset(held_out), patient_map(args.patients)))))
+             len(held_out), len(set(groups_of(films.subset(held_out), patients))))
     train, val, test = checkpoint_splits(parent.training_data, args.data, parent.preprocess, args.cache_dir,
                                          args.workers, progress=False)
     try:
@@ -618,7 +628,7 @@ def cmd_adapt(args, store: ModelStore) -> int:
         adult = None
     candidate = adapt(parent, args.site, films, held_out, rest, train, val, test, adult,
                       threshold_only=args.threshold_only, tune=args.tune, steps=args.steps, seed=args.seed,
-                      replay_limit=args.replay_limit)
+                      replay_limit=args.replay_limit, patients=patients)
     store.add(candidate, source=f"site {args.site}, adapted from {parent.version}")
     site = candidate.metrics["site"]["held_out"]
     print(f"site {args.site}: {len(films)} films, {site['films']} held out; on them, at threshold "
