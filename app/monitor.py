@@ -140,7 +140,8 @@ def figures(engine, version: str, checkpoint) -> dict:
     return {"model_version": version, "window_days": WINDOW_DAYS, "cases_per_day": per_day, "refusal": refusal,
             "stability": stability, "agreement": agreement, "reference_name": against["name"],
             "site_report": site_report(overread, checkpoint.threshold),
-            "alerts": alerts(refusal, stability, agreement), "probabilities": probabilities, "reference": expected}
+            "alerts": alerts(refusal, stability, agreement, against["name"]),
+            "waiting": waiting(refusal, stability, agreement), "probabilities": probabilities, "reference": expected}
 
 
 def site_report(overread: list, threshold: float) -> dict:
@@ -155,23 +156,45 @@ def site_report(overread: list, threshold: float) -> dict:
     return found
 
 
-def alerts(refusal: dict, stability: dict, agreement: dict) -> list[str]:
+def alerts(refusal: dict, stability: dict, agreement: dict, against: str = "the test split") -> list[str]:
+    """What contradicts the reference. A share alerts as soon as its 95% interval lies wholly on the wrong
+    side of the reference's figure, however few the cases (a wide interval that still excludes it is
+    evidence); with enough cases, also when the share falls below the reference's own interval."""
     found = []
     if stability["value"] is not None and stability["value"] > PSI_ALERT:
-        found.append(f"The probabilities of the last {stability['cases']} films have drifted from the test split's "
+        found.append(f"The probabilities of the last {stability['cases']} films have drifted from {against} "
                      f"(stability index {stability['value']:.2f} > {PSI_ALERT}): the films arriving differ from "
-                     "those the model was tested on.")
-    test_rate = refusal["test_split"]
-    if refusal["n"] >= RECENT and test_rate is not None and refusal["value"] >= 2 * max(test_rate, 0.01):
+                     "those the model was measured on.")
+    rate, interval = refusal["test_split"], refusal["interval"]
+    if rate is not None and interval and (interval[0] > rate or (refusal["n"] >= RECENT
+                                                                 and refusal["value"] >= 2 * max(rate, 0.01))):
         found.append(f"{refusal['value']:.0%} of the last {refusal['n']} films were refused as outside the intended "
-                     f"use, against {test_rate:.1%} of the test split: check what is being sent.")
+                     f"use (95%: {interval[0]:.0%}-{interval[1]:.0%}), against {rate:.1%} of {against}: check what "
+                     "is being sent.")
     for name in ("sensitivity", "specificity"):
-        figure_ = agreement[name]
-        interval = figure_["model_card_interval"]
-        if figure_["n"] >= MIN_OVERREADS and interval and figure_["value"] < interval[0]:
-            found.append(f"The {name} against the clinicians' overreads, {figure_['value']:.1%} over {figure_['n']} "
-                         f"films, is below the model card's 95% interval ({interval[0]:.1%}-{interval[1]:.1%}).")
+        share = agreement[name]
+        card, card_interval, interval = share["model_card"], share["model_card_interval"], share["interval"]
+        excluded = interval is not None and card is not None and interval[1] < card
+        below = share["n"] >= MIN_OVERREADS and card_interval and share["value"] < card_interval[0]
+        if excluded or below:
+            found.append(f"The {name} against the clinicians' overreads, {share['value']:.1%} over {share['n']} "
+                         f"films (95%: {interval[0]:.1%}-{interval[1]:.1%}), is below {against}'s "
+                         f"{card:.1%}" + (f" and its 95% interval ({card_interval[0]:.1%}-{card_interval[1]:.1%})."
+                                          if below else "."))
     return found
+
+
+def waiting(refusal: dict, stability: dict, agreement: dict) -> list[str]:
+    """What the monitor cannot judge yet, and how many cases each check needs: never "no alert" beside them."""
+    needs = []
+    if refusal["n"] < RECENT:
+        needs.append(f"refusals: {refusal['n']} of the {RECENT} recent films they are judged on")
+    if stability["value"] is None:
+        needs.append(f"drift: {stability['cases']} of {MIN_PSI_CASES} answered films")
+    for name, read in (("sensitivity", "pneumonia"), ("specificity", "normal")):
+        if agreement[name]["n"] < MIN_OVERREADS:
+            needs.append(f"{name}: {agreement[name]['n']} of {MIN_OVERREADS} answered films read {read}")
+    return needs
 
 
 def plots(found: dict) -> tuple[str, str]:

@@ -124,3 +124,40 @@ def test_a_site_adapted_version_is_compared_with_its_own_site_not_the_test_split
     assert found["reference_name"] == "site North's held-out films"
     assert found["stability"]["reference"] == 4 and found["refusal"]["test_split"] == 0.0
     assert found["agreement"]["specificity"]["model_card"] == 0.5
+
+
+def monitor_page(make_app, tmp_path, answers_and_reads, name: str) -> tuple[dict, str]:
+    """The /monitor page and its JSON over a record holding ``answers_and_reads`` (answer, read or None)."""
+    app = make_app(DATABASE_URL=f"sqlite:///{tmp_path / name}.sqlite3")
+    record, version = app.extensions["cases"], app.extensions["model"].predictor.version
+    for answer, read in answers_and_reads:
+        case_id = record.record(b"\xff\xd8", answer, version, "page", None, None)
+        if read:
+            record.add_overread(case_id, read, None, None)
+    client = app.test_client()
+    return client.get("/api/v1/monitor").get_json(), client.get("/monitor").get_data(as_text=True)
+
+
+CAUGHT = Answer(0.9, 0.5, "PNEUMONIA", None, 0.1, None)
+MISSED = Answer(0.1, 0.5, "NORMAL", None, 0.1, None)
+REFUSED = Answer(0.99, 0.5, None, "image", 2.0, None)
+
+
+def test_thirty_cases_that_contradict_the_card_raise_alerts_and_never_say_no_alert(make_app, tmp_path):
+    """The ward's round: 13 of 30 refused (43%, 95% 27-61%) against the card's 2.6%, and the clinicians
+    reading pneumonia on three answered films of which the model caught two (67%, 21-94%)."""
+    cases = [(REFUSED, None)] * 13 + [(CAUGHT, "pneumonia")] * 2 + [(MISSED, "pneumonia")] + [(MISSED, None)] * 14
+    found, page = monitor_page(make_app, tmp_path, cases, "round")
+    assert found["refusal"]["value"] == pytest.approx(13 / 30)
+    assert any("refused as outside the intended use" in alert for alert in found["alerts"])
+    assert any(a.startswith("The sensitivity against the clinicians' overreads, 66.7%") for a in found["alerts"])
+    assert "No alert" not in page and 'id="alerts"' in page
+    assert any(need.startswith("refusals: 30 of the 200") for need in found["waiting"])
+
+
+def test_a_few_quiet_cases_say_not_enough_to_judge_with_what_each_check_needs(make_app, tmp_path):
+    found, page = monitor_page(make_app, tmp_path, [(MISSED, "normal")] * 10, "quiet")
+    assert found["alerts"] == []
+    assert "No alert" not in page and "Not enough cases to judge yet" in page
+    assert "specificity: 10 of 30 answered films read normal" in found["waiting"]
+    assert "sensitivity: 0 of 30 answered films read pneumonia" in found["waiting"]
