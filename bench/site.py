@@ -121,9 +121,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     parent = load_checkpoint(args.checkpoint)
     serving = Predictor(parent)
+    copies = int(parent.training_data.get("recipe", {}).get("processed_copies", 0))
     train, val, test = checkpoint_splits(parent.training_data, args.data, parent.preprocess, DEFAULT_CACHE_DIR,
-                                         progress=False)
-    adult = load_adult_films(args.adult_data, parent.preprocess, DEFAULT_CACHE_DIR, progress=False)
+                                         progress=False, processed=copies)
+    adult = load_adult_films(args.adult_data, parent.preprocess, DEFAULT_CACHE_DIR, progress=False, processed=copies)
     non_xray = np.stack([serving.preprocess(image) for _, image in non_xray_images()])
     items = scan_split(args.data, "test")
     labels = np.array([label for _, label in items])

@@ -115,8 +115,8 @@ def test_local_validation_measures_the_answered_films_and_counts_the_refused():
 
 # ---- the guard's rules for a site candidate ----------------------------------------------
 
-SERVING = {"sensitivity": 1.0, "false_positive_rate": 0.5, "auc": 0.97, "refused": 0.2}
-GOOD = {"sensitivity": 0.98, "false_positive_rate": 0.2, "auc": 0.975, "refused": 0.02}
+SERVING = {"films": 100, "sensitivity": 1.0, "false_positive_rate": 0.5, "auc": 0.97, "refused": 0.2}
+GOOD = {"films": 100, "sensitivity": 0.98, "false_positive_rate": 0.2, "auc": 0.975, "refused": 0.02}
 
 
 @pytest.mark.parametrize("change, leaks, words", [
@@ -124,7 +124,9 @@ GOOD = {"sensitivity": 0.98, "false_positive_rate": 0.2, "auc": 0.975, "refused"
     ({"false_positive_rate": 0.55}, 0, "false-positive rate on the site's held-out films 0.550 is above"),
     ({"sensitivity": SITE_MIN_SENSITIVITY - 0.01}, 0, "sensitivity on the site's held-out films"),
     ({"auc": 0.96}, 0, "AUC on the site's held-out films"),
-    ({"refused": 0.08}, 0, "its gates refuse 8.0%"),
+    ({"refused": 0.12}, 0, "its gates refuse 12.0%"),  # 95%: 7.0-19.8%, wholly above 5%
+    ({"refused": 0.08}, 0, None),  # 95%: 4.1-15.0%: no evidence of more than 5%
+    ({"films": 17, "refused": 1 / 17}, 0, None),  # one of a small slice
     ({}, 3, "fitted on 3 films of its own held-out slice"),
 ])
 def test_the_site_guard_s_rules(change, leaks, words):

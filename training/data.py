@@ -121,14 +121,15 @@ def grouped_split(labels: np.ndarray, groups: list, fraction: float, seed: int) 
 
 
 def checkpoint_splits(training_data: dict, root, params: PreprocessParams, cache_dir, workers: int = 2,
-                      progress: bool = True) -> tuple[Split, Split, Split]:
+                      progress: bool = True, processed: int = 0) -> tuple[Split, Split, Split]:
     """(train, validation, test) as the checkpoint with this ``training_data`` was fitted and measured.
 
     The validation split is carved again from ``train/`` by the recorded rule (15% of
-    patients and the run's seed, for checkpoints that predate the record).
+    patients and the run's seed, for checkpoints that predate the record). ``processed``:
+    the training films' processed copies too (``load_split``).
     """
     rule = training_data.get("validation_split", {"fraction": 0.15, "seed": training_data.get("seed", 0)})
-    full = load_split(root, "train", params, cache_dir, workers, progress=progress)
+    full = load_split(root, "train", params, cache_dir, workers, progress=progress, processed=processed)
     test = load_split(root, "test", params, cache_dir, workers, progress=progress)
     train_index, val_index = validation_split(full.files, full.labels, rule["fraction"], rule["seed"])
     return full.subset(train_index), full.subset(val_index), test

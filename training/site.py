@@ -83,7 +83,7 @@ from .data import DatasetError, checkpoint_splits, grouped_split, load_adult_fil
 from .evaluate import evaluate, transformer_figures
 from .gate import fit_gate
 from .metrics import threshold_for_sensitivity
-from .population import fit_population_head, gate_sets, population_figures, validation_threshold
+from .population import fit_population_head, gate_sets, population_figures
 from .recipe import Recipe
 
 log = logging.getLogger("training")
@@ -450,26 +450,32 @@ def site_factor(scores: np.ndarray) -> float:
 
 
 def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosing: SiteFilms, adult):
-    """Both gates refitted with the site's tuning films among the children's, each threshold the higher of
-    its validation rule on the original validation films and on the site's choosing films: the site's films
-    are a small share of the fit, and a quantile over both sets together would refuse the site's tail."""
-    val_out = infer_batches(model, val.images)
-    site_out = infer_batches(model, choosing.inputs)
-    gate = fit_gate(infer_batches(model, np.r_[train.images, tuning.inputs]).features,
-                    np.r_[train.labels, tuning.labels], np.r_[train.images, tuning.inputs],
-                    val_out.features, val.images)
-    gate.threshold *= site_factor(gate.scores(site_out.features, choosing.inputs))
-    gate.rule += ("; raised where the site's films set apart for choosing need it, to their mean plus three "
-                  f"standard deviations or their {GATE_QUANTILE:.1%} quantile")
+    """Both gates refitted as training fits them (the films as they are and their processed copies;
+    ``train``/``val``: ``Split`` with or without copies) with the site's tuning films among the children's,
+    then each threshold raised where the site's films need it (``site_factor``). The tail is taken over
+    every site film the candidate may see, tuning and choosing: a dozen choosing films alone left 15% of
+    a simulated site's held-out films above the feature gate while none of the dozen was."""
+    train_images, train_labels = train.with_processed
+    val_images, _ = val.with_processed
+    site_inputs = np.r_[tuning.inputs, choosing.inputs]
+    site_out = infer_batches(model, site_inputs)
+    gate = fit_gate(infer_batches(model, np.r_[train_images, tuning.inputs]).features,
+                    np.r_[train_labels, tuning.labels], np.r_[train_images, tuning.inputs],
+                    infer_batches(model, val_images).features, val_images)
+    gate.threshold *= site_factor(gate.scores(site_out.features, site_inputs))
+    gate.rule += ("; raised where the site's films need it, to their mean plus three standard deviations or "
+                  f"their {GATE_QUANTILE:.1%} quantile")
     population_gate = parent.population_gate
     if adult is not None:
-        fit = ~adult.held_out()
-        times = math.ceil(SITE_SHARE_OF_CHILDREN * len(train) / max(len(tuning), 1) / (1 - SITE_SHARE_OF_CHILDREN))
-        population_gate = fit_population_head(model, np.r_[train.images, repeated(tuning.inputs, min(times, 20))],
-                                              val.images, adult.films.images[fit], adult.films.labels[fit])
-        population_gate.threshold = max(population_gate.threshold,
-                                        validation_threshold(population_gate.probabilities(site_out.taps)))
-        population_gate.rule += "; and at least that quantile of the site's films set apart for choosing"
+        fit = np.flatnonzero(~adult.held_out())
+        adult_images, adult_kinds = adult.films.subset(fit).with_processed
+        times = math.ceil(SITE_SHARE_OF_CHILDREN * len(train_images) / max(len(tuning), 1)
+                          / (1 - SITE_SHARE_OF_CHILDREN))
+        population_gate = fit_population_head(model, np.r_[train_images, repeated(tuning.inputs, min(times, 40))],
+                                              val_images, adult_images, adult_kinds)
+        population_gate.threshold = min(0.9999, population_gate.threshold
+                                        * site_factor(population_gate.assess(site_inputs, site_out.taps)[0]))
+        population_gate.rule += "; raised the same way where the site's films need it"
     return gate, population_gate
 
 
@@ -485,10 +491,12 @@ def adapt(parent: Checkpoint, site_name: str, films: SiteFilms, held_out: np.nda
     if threshold_only:
         states = parent.state_dicts
     else:
-        replay = np.arange(len(train)) if replay_limit is None else np.arange(min(replay_limit, len(train)))
-        states = fine_tune(parent, tuning, train.images[replay], train.labels[replay], tune, steps, seed)
-        log.info("fine-tuned %s on %d site films with %d training films replayed (%s, %d steps) in %.0f s",
-                 tune, len(tuning), len(replay), tune, steps, time.perf_counter() - started)
+        replay_images, replay_labels = train.with_processed  # as training saw them: as they are and processed
+        if replay_limit is not None:
+            replay_images, replay_labels = replay_images[:replay_limit], replay_labels[:replay_limit]
+        states = fine_tune(parent, tuning, replay_images, replay_labels, tune, steps, seed)
+        log.info("fine-tuned %s on %d site films with %d training views replayed (%d steps) in %.0f s",
+                 tune, len(tuning), len(replay_images), steps, time.perf_counter() - started)
     model = dataclasses.replace(parent, state_dicts=states).model
 
     # The threshold: the site's sensitivity floor on its films that chose it and (once the weights
@@ -619,10 +627,12 @@ def cmd_adapt(args, store: ModelStore) -> int:
     rest, held_out = split_site(films, groups_of(films, patients), HELD_OUT_FRACTION, args.seed)
     log.info("site %s: %d films; %d held out for the guard (%d patients or duplicate groups)", args.site, len(films),
              len(held_out), len(set(groups_of(films.subset(held_out), patients))))
+    copies = int(parent.training_data.get("recipe", {}).get("processed_copies", 0))  # as the parent's gates saw
     train, val, test = checkpoint_splits(parent.training_data, args.data, parent.preprocess, args.cache_dir,
-                                         args.workers, progress=False)
+                                         args.workers, progress=False, processed=copies)
     try:
-        adult = load_adult_films(args.adult_data, parent.preprocess, args.cache_dir, args.workers, progress=False)
+        adult = load_adult_films(args.adult_data, parent.preprocess, args.cache_dir, args.workers, progress=False,
+                                 processed=copies)
     except DatasetError as exc:
         log.warning("%s: the parent's population gate is kept as it is", exc)
         adult = None

@@ -25,6 +25,7 @@ from pathlib import Path
 from model import CheckpointError, Predictor, PreprocessParams, load_checkpoint
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, data_dir, model_store_dir
 from model.store import ModelStore, StoreError
+from model.validation import wilson
 
 from .data import DatasetError, load_split
 from .evaluate import evaluate
@@ -104,9 +105,11 @@ def site_guard(candidate: dict, serving: dict, leaks: int) -> list[str]:
     if not candidate["auc"] >= serving["auc"] - MAX_AUC_DROP:
         reasons.append(f"AUC on the site's held-out films {candidate['auc']:.4f} is more than {MAX_AUC_DROP} below "
                        f"the serving model's {serving['auc']:.4f}")
-    if candidate["refused"] > MAX_OOD_FLAGGED:
-        reasons.append(f"its gates refuse {candidate['refused']:.1%} of the site's held-out films "
-                       f"(at most {MAX_OOD_FLAGGED:.0%})")
+    refused = round(candidate["refused"] * candidate["films"])
+    low, high = wilson(refused, candidate["films"]) or (0.0, 0.0)
+    if low > MAX_OOD_FLAGGED:  # the slice is small: refuse on evidence that the share is above the limit
+        reasons.append(f"its gates refuse {candidate['refused']:.1%} of the site's held-out films (95%: "
+                       f"{low:.1%}-{high:.1%}, wholly above {MAX_OOD_FLAGGED:.0%})")
     return reasons
 
 
