@@ -322,9 +322,10 @@ def format_report(found: dict, source: str) -> str:
         ("AUC", _share(site["auc"]), _share(card["auc"])),
         ("calibration slope", f"{slope} (intercept {intercept}; 1 and 0 is calibrated)", ""),
     ]
+    width = max(len(ours) for _, ours, _ in rows) + 3
     lines = [f"{found['model_version']} at threshold {site['threshold']:.4f} on {source}",
-             f"{'':<22}{'this site':<58}model card (test split)"]
-    lines += [f"{label:<22}{ours:<58}{theirs}" for label, ours, theirs in rows]
+             f"{'':<22}{'this site':<{width}}model card (test split)"]
+    lines += [f"{label:<22}{ours:<{width}}{theirs}".rstrip() for label, ours, theirs in rows]
     lines.append("observed against predicted, fifths of the answered films: " + "; ".join(
         f"{b['observed']:.2f} vs {b['predicted']:.2f}" for b in calibration["bins"]))
     lines.append(f"verdict: {site['trust']['text']}")
