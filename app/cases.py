@@ -47,6 +47,8 @@ from model.dicom import is_dicom
 log = logging.getLogger("app")
 
 READS = ("pneumonia", "normal", "uncertain")
+#: The longest note an overread keeps (the column's size); a longer one is refused, never cut.
+NOTE_LIMIT = 500
 SOURCES = ("page", "api", "batch")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: How long after a failed write the record waits before trying the database again.
@@ -97,7 +99,7 @@ class Overread(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_pk: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     read: Mapped[str] = mapped_column(String(16))
-    note: Mapped[str | None] = mapped_column(String(500))
+    note: Mapped[str | None] = mapped_column(String(NOTE_LIMIT))
     user: Mapped[str | None] = mapped_column(String(128))
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     case: Mapped[Case] = relationship(back_populates="overreads")
@@ -246,7 +248,7 @@ class CaseRecord:
             case = session.scalar(select(Case).where(Case.case_id == case_id))
             if case is None:
                 return None
-            session.add(Overread(case_pk=case.id, read=read, note=(note or "").strip()[:500] or None, user=user,
+            session.add(Overread(case_pk=case.id, read=read, note=(note or "").strip() or None, user=user,
                                  at=dt.datetime.now(dt.UTC)))
             case.overread = read
         return self.case(case_id)

@@ -17,10 +17,11 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import case as when
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, aliased
 
-from .cases import READS, Answer, Case, CaseRecord
+from .cases import NOTE_LIMIT, READS, Answer, Case, CaseRecord, Overread
 from .serving import get_predictor
 
 bp = Blueprint("cases", __name__)
@@ -66,6 +67,8 @@ def read_overread(form) -> tuple[str, str | None]:
     note = form.get("note")
     if note is not None and not isinstance(note, str):
         abort(400, "The note must be text.")
+    if note is not None and len(note.strip()) > NOTE_LIMIT:
+        abort(400, f"The note has {len(note.strip()):,} characters; a note may have at most {NOTE_LIMIT}.")
     return read, note
 
 
@@ -144,14 +147,38 @@ def worklist():
 
 
 CSV_COLUMNS = ("case_id", "created_at", "model_version", "source", "file_kind", "input_sha256", "probability",
-               "threshold", "decision", "refusal", "gate_score", "age_years", "user", "overread")
+               "threshold", "decision", "refusal", "gate_score", "age_years", "user", "overread", "overread_note",
+               "overread_at", "overread_by")
+#: A spreadsheet runs a cell that starts so as a formula: such free text is written behind a quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value) -> str | float | int:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def csv_query():
+    """Every case with its latest overread's note, time and reader; a refused case gives no probability
+    (its number is for research only, and a column of them would read as answers)."""
+    latest = (select(Overread.case_pk, func.max(Overread.id).label("id")).group_by(Overread.case_pk)
+              .subquery())
+    read = aliased(Overread)
+    probability = when((Case.decision.is_(None), None), else_=Case.probability)
+    columns = [getattr(Case, name) for name in CSV_COLUMNS[:-3]]
+    columns[CSV_COLUMNS.index("probability")] = probability.label("probability")
+    return (select(*columns, read.note, read.at, read.user)
+            .outerjoin(latest, latest.c.case_pk == Case.id).outerjoin(read, read.id == latest.c.id))
 
 
 @bp.get("/cases.csv")
 def worklist_csv():
     """Every case (with the worklist's filter), for audit: no features, nothing of an image."""
     show = chosen("show", FILTERS)
-    query = select(*(getattr(Case, name) for name in CSV_COLUMNS)).order_by(Case.id)
+    query = csv_query().order_by(Case.id)
     if FILTERS[show] is not None:
         query = query.where(FILTERS[show])
     engine = case_record().engine
@@ -162,7 +189,7 @@ def worklist_csv():
         writer.writerow(CSV_COLUMNS)
         with engine.connect() as connection:
             for row in connection.execution_options(stream_results=True, yield_per=1000).execute(query):
-                writer.writerow(["" if value is None else value for value in row])
+                writer.writerow([csv_cell(value) for value in row])
                 if buffer.tell() > 1 << 16:
                     yield buffer.getvalue()
                     buffer.seek(0)

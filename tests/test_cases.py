@@ -140,6 +140,30 @@ def test_the_worklist_filters_orders_pages_and_exports(uploads, record_app, pedi
     assert "features" not in exported[0] and exported[1]["decision"] == ""
 
 
+def test_the_export_keeps_the_read_s_note_time_and_reader_and_no_probability_for_a_refusal(uploads, record_app,
+                                                                                            pediatric_film):
+    client = uploads.client
+    answered = uploads.api(pediatric_film).get_json()["case_id"]
+    refused = uploads.api(pediatric_film, age_years="40").get_json()["case_id"]
+    client.post(f"/api/v1/cases/{answered}/overread", json={"read": "normal", "note": "=HYPERLINK(\"x\")"},
+                headers={"X-Remote-User": "dr.a"})
+    client.post(f"/api/v1/cases/{answered}/overread", json={"read": "pneumonia", "note": "RLL, on review"},
+                headers={"X-Remote-User": "dr.b"})
+    client.post(f"/api/v1/cases/{refused}/overread", json={"read": "pneumonia", "note": "+1 opacity"})
+    rows = {row["case_id"]: row for row in csv.DictReader(io.StringIO(client.get("/cases.csv").get_data(as_text=True)))}
+    assert rows[answered]["overread_note"] == "RLL, on review" and rows[answered]["overread_by"] == "dr.b"
+    assert rows[answered]["overread_at"] and float(rows[answered]["probability"]) > 0
+    assert rows[refused]["probability"] == "" and rows[refused]["refusal"] == "age"
+    assert rows[refused]["overread_note"] == "'+1 opacity"  # a spreadsheet would run it as a formula
+
+
+def test_a_note_over_the_limit_is_refused_naming_the_limit_never_cut(uploads, record_app, pediatric_film):
+    case_id = uploads.api(pediatric_film).get_json()["case_id"]
+    answer = uploads.client.post(f"/api/v1/cases/{case_id}/overread", json={"read": "normal", "note": "x" * 5000})
+    assert answer.status_code == 400 and "at most 500" in answer.get_json()["error"]
+    assert uploads.client.get(f"/api/v1/cases/{case_id}").get_json()["overreads"] == []
+
+
 def test_a_database_that_fails_never_fails_a_prediction_and_recording_resumes(uploads, record_app, pediatric_film,
                                                                              monkeypatch):
     import app.cases
