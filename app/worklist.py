@@ -136,7 +136,7 @@ def worklist():
     except ValueError:
         abort(400, "page must be a whole number.")
     query = select(Case.case_id, Case.created_at, Case.model_version, Case.source, Case.probability,
-                   Case.decision, Case.refusal, Case.overread)
+                   Case.decision, Case.refusal, Case.overread, Case.age_years)
     if FILTERS[show] is not None:
         query = query.where(FILTERS[show])
     query = query.order_by(*ORDERS[order]).limit(PAGE_SIZE + 1).offset((page - 1) * PAGE_SIZE)

@@ -137,6 +137,9 @@ def test_the_worklist_filters_orders_pages_and_exports(uploads, record_app, pedi
     assert client.get("/cases?show=everything").status_code == 400
     exported = list(csv.DictReader(io.StringIO(client.get("/cases.csv").get_data(as_text=True))))
     assert [row["case_id"] for row in exported] == ids and exported[0]["overread"] == "normal"
+    uploads.api(pediatric_film, age_years="3")
+    listed = client.get("/cases").get_data(as_text=True)
+    assert "<td data-label=\"Age\">3 y</td>" in listed and "<td data-label=\"From\">api</td>" in listed
     assert "features" not in exported[0] and exported[1]["decision"] == ""
 
 
