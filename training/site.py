@@ -103,8 +103,11 @@ TUNE_CHOICES = ("norm", "all", "head")
 #: The site's sensitivity floor: the threshold keeps it on the site's choosing films, and the
 #: promotion guard asks it of the held-out slice.
 SITE_MIN_SENSITIVITY = 0.97
-#: The site's tuning films are repeated until they are this share of the children the population head fits on.
+#: The site's tuning films are repeated until they are this share of the children both gates fit on (at
+#: most ``MAX_REPEATS`` times): weighted so, the gates learn the site's look and need little raising, and
+#: the feature gate's thin margin over photos and documents survives (docs/experiments.md).
 SITE_SHARE_OF_CHILDREN = 0.25
+MAX_REPEATS = 400
 #: The feature gate's quantile, as ``training.gate.fit_gate`` takes it on the validation films.
 GATE_QUANTILE = 0.995
 
@@ -452,17 +455,20 @@ def site_factor(scores: np.ndarray) -> float:
 
 def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosing: SiteFilms, adult):
     """Both gates refitted as training fits them (the films as they are and their processed copies;
-    ``train``/``val``: ``Split`` with or without copies) with the site's tuning films among the children's,
-    then each threshold raised where the site's films need it (``site_factor``). The tail is taken over
-    every site film the candidate may see, tuning and choosing: a dozen choosing films alone left 15% of
-    a simulated site's held-out films above the feature gate while none of the dozen was."""
+    ``train``/``val``: ``Split`` with or without copies) with the site's tuning films among the children's
+    (``SITE_SHARE_OF_CHILDREN``), then each threshold raised where the site's films need it
+    (``site_factor``). The tail is taken over every site film the candidate may see, tuning and
+    choosing: a dozen choosing films alone left 15% of a simulated site's held-out films above the
+    feature gate while none of the dozen was."""
     train_images, train_labels = train.with_processed
     val_images, _ = val.with_processed
     site_inputs = np.r_[tuning.inputs, choosing.inputs]
     site_out = infer_batches(model, site_inputs)
-    gate = fit_gate(infer_batches(model, np.r_[train_images, tuning.inputs]).features,
-                    np.r_[train_labels, tuning.labels], np.r_[train_images, tuning.inputs],
-                    infer_batches(model, val_images).features, val_images)
+    times = min(MAX_REPEATS, math.ceil(SITE_SHARE_OF_CHILDREN * len(train_images) / max(len(tuning), 1)
+                                       / (1 - SITE_SHARE_OF_CHILDREN)))
+    children = np.r_[train_images, repeated(tuning.inputs, times)]
+    gate = fit_gate(infer_batches(model, children).features, np.r_[train_labels, np.tile(tuning.labels, times)],
+                    children, infer_batches(model, val_images).features, val_images)
     gate.threshold *= site_factor(gate.scores(site_out.features, site_inputs))
     gate.rule += ("; raised where the site's films need it, to their mean plus three standard deviations or "
                   f"their {GATE_QUANTILE:.1%} quantile")
@@ -470,10 +476,7 @@ def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosin
     if adult is not None:
         fit = np.flatnonzero(~adult.held_out())
         adult_images, adult_kinds = adult.films.subset(fit).with_processed
-        times = math.ceil(SITE_SHARE_OF_CHILDREN * len(train_images) / max(len(tuning), 1)
-                          / (1 - SITE_SHARE_OF_CHILDREN))
-        population_gate = fit_population_head(model, np.r_[train_images, repeated(tuning.inputs, min(times, 40))],
-                                              val_images, adult_images, adult_kinds)
+        population_gate = fit_population_head(model, children, val_images, adult_images, adult_kinds)
         population_gate.threshold = min(0.9999, population_gate.threshold
                                         * site_factor(population_gate.assess(site_inputs, site_out.taps)[0]))
         population_gate.rule += "; raised the same way where the site's films need it"
