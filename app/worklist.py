@@ -149,14 +149,16 @@ def worklist():
 CSV_COLUMNS = ("case_id", "created_at", "model_version", "source", "file_kind", "input_sha256", "probability",
                "threshold", "decision", "refusal", "gate_score", "age_years", "user", "overread", "overread_note",
                "overread_at", "overread_by")
-#: A spreadsheet runs a cell that starts so as a formula: such free text is written behind a quote.
+#: A spreadsheet runs a cell that starts so as a formula: free text (a note, a user's name) that does is
+#: written behind a quote. Identifiers are ours and stay exact (a case id may start with "-").
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+FREE_TEXT = frozenset(CSV_COLUMNS.index(name) for name in ("user", "overread_note", "overread_by"))
 
 
-def csv_cell(value) -> str | float | int:
+def csv_cell(column: int, value) -> str | float | int:
     if value is None:
         return ""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    if column in FREE_TEXT and isinstance(value, str) and value.startswith(FORMULA_STARTS):
         return "'" + value
     return value
 
@@ -189,7 +191,7 @@ def worklist_csv():
         writer.writerow(CSV_COLUMNS)
         with engine.connect() as connection:
             for row in connection.execution_options(stream_results=True, yield_per=1000).execute(query):
-                writer.writerow([csv_cell(value) for value in row])
+                writer.writerow([csv_cell(column, value) for column, value in enumerate(row)])
                 if buffer.tell() > 1 << 16:
                     yield buffer.getvalue()
                     buffer.seek(0)

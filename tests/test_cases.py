@@ -160,6 +160,14 @@ def test_the_export_keeps_the_read_s_note_time_and_reader_and_no_probability_for
     assert rows[refused]["overread_note"] == "'+1 opacity"  # a spreadsheet would run it as a formula
 
 
+def test_only_free_text_is_neutralised_in_the_export_a_case_id_stays_exact():
+    from app.worklist import CSV_COLUMNS, csv_cell
+
+    assert csv_cell(CSV_COLUMNS.index("case_id"), "-1-hoRw6Vvp") == "-1-hoRw6Vvp"  # token_urlsafe may start so
+    assert csv_cell(CSV_COLUMNS.index("overread_note"), "-1 opacity") == "'-1 opacity"
+    assert csv_cell(CSV_COLUMNS.index("overread_by"), "@admin") == "'@admin"
+
+
 def test_a_note_over_the_limit_is_refused_naming_the_limit_never_cut(uploads, record_app, pediatric_film):
     case_id = uploads.api(pediatric_film).get_json()["case_id"]
     answer = uploads.client.post(f"/api/v1/cases/{case_id}/overread", json={"read": "normal", "note": "x" * 5000})
