@@ -266,7 +266,7 @@ def test_the_guard_refuses_a_candidate_fitted_on_its_own_held_out_slice(adapted,
 def test_the_guard_refuses_a_candidate_adapted_on_flipped_labels(real_data, adapted, tmp_path, capsys):
     store, folder, _ = copy_store(adapted, tmp_path)
     flipped = site_folder(real_data, tmp_path / "flipped", flipped=True)
-    assert run_site("--store", store, "adapt", "--films", flipped, "--site", "Flipped", "--steps", "4",
+    assert run_site("--store", store, "adapt", "--films", flipped, "--site", "Flipped", "--steps", "150",
                     "--replay-limit", "256") == 0
     version = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
     # Judged on the same files with their true labels: the site's own slice and the test split refuse it.
