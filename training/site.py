@@ -633,9 +633,10 @@ def cmd_adapt(args, store: ModelStore) -> int:
     parent = serving_checkpoint(args, store)
     films = read_films(labelled_files(args.films), args.films, parent.preprocess, args.workers)
     patients = patient_map(args.patients)
-    rest, held_out = split_site(films, groups_of(films, patients), HELD_OUT_FRACTION, args.seed)
+    groups = groups_of(films, patients)
+    rest, held_out = split_site(films, groups, HELD_OUT_FRACTION, args.seed)
     log.info("site %s: %d films; %d held out for the guard (%d patients or duplicate groups)", args.site, len(films),
-             len(held_out), len(set(groups_of(films.subset(held_out), patients))))
+             len(held_out), len({groups[i] for i in held_out}))
     copies = int(parent.training_data.get("recipe", {}).get("processed_copies", 0))  # as the parent's gates saw
     train, val, test = checkpoint_splits(parent.training_data, args.data, parent.preprocess, args.cache_dir,
                                          args.workers, progress=False, processed=copies)

@@ -191,16 +191,17 @@ def cmd_promote(store: ModelStore, args) -> int:
             raise DatasetError(f"{args.version} was adapted to site {site['name']}: the guard judges it on the "
                                "site's held-out films; give their folder with --site-films DIR")
         site_reasons, site_report = [], None
+        candidate_predictor, serving_predictor = Predictor(candidate), Predictor(serving)  # both judgements share them
         if site:
             held = held_out_films(site, args.site_films, candidate.preprocess, args.workers)
-            site_report = {"name": site["name"], "films": len(held), "candidate": scored(Predictor(candidate), held),
-                           "serving": scored(Predictor(serving), held)}
+            site_report = {"name": site["name"], "films": len(held), "candidate": scored(candidate_predictor, held),
+                           "serving": scored(serving_predictor, held)}
             print(side_by_side((args.version, site_report["candidate"]), (serving_version, site_report["serving"]),
                                f"site {site['name']}, {len(held)} held-out films"))
             site_reasons = site_guard(site_report["candidate"], site_report["serving"], leaked(site))
         test = load_split(args.data, "test", candidate.preprocess, args.cache_dir, args.workers, progress=False)
-        candidate_metrics = evaluate(Predictor(candidate), test)
-        serving_metrics = evaluate(Predictor(serving), test)
+        candidate_metrics = evaluate(candidate_predictor, test)
+        serving_metrics = evaluate(serving_predictor, test)
         for version, figures in ((args.version, candidate_metrics), (serving_version, serving_metrics)):
             store.record_guard(version, figures, len(test))
         print(side_by_side((args.version, candidate_metrics), (serving_version, serving_metrics)))
