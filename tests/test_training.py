@@ -29,7 +29,7 @@ def test_dry_run_on_a_generated_folder_writes_a_loadable_checkpoint(tiny_dataset
     assert code == 0
     checkpoint = load_checkpoint(out, expected_preprocess=PreprocessParams())
     assert checkpoint.training_data["dry_run"] is True
-    assert set(checkpoint.metrics) == {"validation", "test", "population_gate", "alignment", "robustness"}
+    assert set(checkpoint.metrics) == {"validation", "test", "population_gate", "alignment", "robustness", "saliency"}
     assert isinstance(checkpoint.population_gate, PopulationHead)
     assert checkpoint.training_data["population_gate"]["kind"] == "head"
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())

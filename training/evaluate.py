@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from model import CheckpointError, Predictor, load_checkpoint
 from model.alignment import describe
+from model.saliency import grad_cam
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
 
 from .calibrate import reliability
@@ -76,10 +78,43 @@ def alignment_summary(predictor: Predictor, split: Split, shown: int = 8) -> dic
     }
 
 
+#: The aligned film's middle quarter of columns (of 64): the heart and mediastinum, between the lung fields.
+MIDDLE = (24, 40)
+
+
+def saliency_summary(predictor: Predictor, split: Split, batch: int = 256) -> dict:
+    """Where the Grad-CAM map is warm on ``split``, by the model's answer: the result page's
+    caption states this (what the map measured on this model), not what a map ought to show."""
+    maps, probabilities = [], predictor.predict_many(split.images).probabilities
+    for start in range(0, len(split.images), batch):
+        with torch.inference_mode():
+            out = predictor.model.infer(torch.from_numpy(split.images[start:start + batch, None]))
+        maps.append(grad_cam(predictor.model, out, split.images.shape[-1]))
+    cams = np.concatenate(maps)
+    side = cams.shape[-1]
+    low, high = (round(edge * side / 64) for edge in MIDDLE)
+    pushed = cams.reshape(len(cams), -1).max(axis=1) > 0
+    positive = probabilities >= predictor.threshold
+    warm = cams[positive & pushed]
+    peak_columns = warm.reshape(len(warm), -1).argmax(axis=1) % side
+    peak_middle = (peak_columns >= low) & (peak_columns < high)
+    mass_middle = warm[:, :, low:high].sum((1, 2)) / np.maximum(warm.sum((1, 2)), 1e-8)
+    return {
+        "films": len(cams), "middle_columns": [low, high], "side": side,
+        "pneumonia": {"films": int(positive.sum()),
+                      "peak_middle": float(np.mean(peak_middle)) if len(warm) else None,
+                      "mass_middle": float(np.mean(mass_middle)) if len(warm) else None},
+        "normal": {"films": int((~positive).sum()),
+                   "empty": float(np.mean(~pushed[~positive])) if (~positive).any() else None},
+    }
+
+
 def transformer_figures(predictor: Predictor, test: Split) -> dict:
-    """The checkpoint's record of what its spatial transformer does and what a skewed film costs it."""
+    """The checkpoint's record of what its spatial transformer does, what a skewed film costs it,
+    and where its heat map is warm."""
     return {"alignment": alignment_summary(predictor, test),
-            "robustness": robustness(predictor.model, test.images, test.labels)}
+            "robustness": robustness(predictor.model, test.images, test.labels),
+            "saliency": saliency_summary(predictor, test)}
 
 
 def main(args) -> int:
