@@ -10,7 +10,7 @@ from model import Prediction
 from model.neighbours import COUNT_K
 
 from .errors import status_for
-from .render import saliency_png
+from .render import saliency_empty, saliency_png
 from .serving import clinic_probability, get_predictor, neighbour_index
 from .uploads import form_value, predict_each, read_age, read_batch_upload, read_single_upload
 from .worklist import record_case
@@ -46,22 +46,28 @@ def neighbours_json(prediction: Prediction, k: int) -> dict:
 
 
 def prediction_json(prediction: Prediction) -> dict:
+    """The answer for one film. A film outside the intended use gets no ``probability`` (and no
+    ``label``): the network's numbers for it are kept under ``research``, out of a client's way."""
+    scores = {"probability": round(prediction.probability, 6),
+              "ood_score": None if prediction.ood_score is None else round(prediction.ood_score, 4)}
     body = {
-        "probability": round(prediction.probability, 6),
+        **(scores if prediction.in_distribution else {}),
         "label": prediction.label,  # null for a film outside the intended use: never a diagnosis
         "threshold": round(prediction.threshold, 6),
         "model_version": get_predictor().version,
         "in_distribution": prediction.in_distribution,
         "population_reasons": [reason.to_dict() for reason in prediction.population_reasons],
-        "ood_score": None if prediction.ood_score is None else round(prediction.ood_score, 4),
         "calibration_prevalence": get_predictor().checkpoint.calibration_prevalence,
     }
+    if not prediction.in_distribution:
+        body["research"] = {**scores, "note": "the network's output for a film outside its intended use: no answer"}
     at_clinic = clinic_probability(prediction.probability)
-    if at_clinic is not None:
+    if at_clinic is not None and prediction.in_distribution:
         body["clinic_prevalence"] = current_app.config["CLINIC_PREVALENCE"]
         body["probability_at_clinic_prevalence"] = round(at_clinic, 6)
     if prediction.saliency is not None:
         body["saliency_png"] = base64.b64encode(saliency_png(prediction.aligned, prediction.saliency)).decode("ascii")
+        body["saliency_empty"] = saliency_empty(prediction.saliency)
     return body
 
 

@@ -25,6 +25,13 @@ def roc_polyline(roc: dict | None, size: int = 240) -> str:
 JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)
 
 
+def saliency_empty(heat: np.ndarray) -> bool:
+    """True when no cell pushed the pneumonia score up: Grad-CAM keeps only the positive
+    push, so the map is zero everywhere (about four in ten of the bundled model's NORMAL
+    answers on the test split) and a drawing of it would be a plain grey square."""
+    return not float(np.max(heat)) > 0
+
+
 def saliency_png(gray: np.ndarray, heat: np.ndarray, side: int = 256) -> bytes:
     """The heat map (0..1) in a red-yellow colour map over the gray image, as PNG bytes.
 

@@ -32,3 +32,9 @@ class Uploads:
     def batch_api(self, files: list[tuple[bytes, str]], **fields):
         payload = {"images": [(io.BytesIO(d), n) for d, n in files], **fields}
         return self.client.post("/api/v1/predict/batch", data=payload, content_type="multipart/form-data")
+
+
+def network_probability(body: dict) -> float:
+    """The network's probability in an API answer: at the top for a film within the intended
+    use, under ``research`` for a refused one (which has no ``probability`` of its own)."""
+    return body["probability"] if body["in_distribution"] else body["research"]["probability"]

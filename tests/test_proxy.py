@@ -75,7 +75,7 @@ def test_the_costliest_batch_ends_within_its_budget_with_a_row_for_every_file():
         elapsed = time.monotonic() - started
     rows = json.loads(answer)["results"]
     assert status == 200 and len(rows) == 20 and elapsed < 20 + 15
-    assert sum("probability" in row for row in rows) == 3  # 120 megapixels a request
+    assert sum("in_distribution" in row for row in rows) == 3  # 120 megapixels a request
     assert all(row["status"] == 413 and "budget" in row["error"] for row in rows if "error" in row)
 
 

@@ -3,7 +3,7 @@ batch, a chunked body, nameless parts, the session cookie, server paths in messa
 import io
 
 from harness.images import encode, synthetic_xray
-from tests.client import Uploads
+from tests.client import Uploads, network_probability
 
 FILM = encode(synthetic_xray(400, 320), ".png")  # 128,000 pixels
 
@@ -14,7 +14,7 @@ def test_a_batch_past_its_pixel_budget_refuses_only_the_files_it_cannot_pay_for(
     refused = [row for row in rows if "error" in row]
     assert len(refused) == 1 and refused[0]["status"] == 413 and "budget of 0.3 megapixels" in refused[0]["error"]
     assert "another request" in refused[0]["error"]
-    assert sum("probability" in row for row in rows) == 2
+    assert sum("in_distribution" in row for row in rows) == 2
 
 
 def test_a_batch_past_its_time_budget_says_so_in_each_row_it_did_not_read(make_app):
@@ -48,7 +48,7 @@ def test_a_batch_part_without_a_file_name_gets_its_row(client):
     body, content_type = multipart([("a.png", FILM), ("", FILM), ("", b"")])
     rows = client.post("/api/v1/predict/batch", data=body, content_type=content_type).get_json()["results"]
     assert [row["filename"] for row in rows] == ["a.png", "file 2"]  # the empty, nameless part is no file
-    assert rows[0]["probability"] == rows[1]["probability"]
+    assert network_probability(rows[0]) == network_probability(rows[1])
 
 
 def test_no_server_path_in_the_message_when_a_version_has_no_map(make_app, tmp_path):
