@@ -24,7 +24,6 @@ from functools import lru_cache
 
 import numpy as np
 from bokeh.embed import components
-from bokeh.layouts import row
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 from flask import Blueprint, Response, current_app, jsonify, render_template
@@ -197,25 +196,32 @@ def waiting(refusal: dict, stability: dict, agreement: dict) -> list[str]:
     return needs
 
 
-def plots(found: dict) -> tuple[str, str]:
+def charts(found: dict):
+    """The two charts: cases a day, and the spread of the probabilities against the reference's.
+    Each scales to its own box, so that on a phone they stack at the page's width."""
     per_day_counts = found["cases_per_day"]
     days = ColumnDataSource({"day": [d for d, _ in per_day_counts], "n": [n for _, n in per_day_counts]})
-    per_day = figure(x_range=days.data["day"] or ["-"], height=300, width=520, sizing_mode="scale_width",
+    per_day = figure(x_range=days.data["day"] or ["-"], height=300, width=480, sizing_mode="scale_width",
                      title="Cases a day", toolbar_location=None, tools="")
     per_day.vbar(x="day", top="n", source=days, width=0.8, color="#1f5fa8")
     per_day.xaxis.major_label_orientation = 0.9
-    spread = figure(height=300, width=520, sizing_mode="scale_width", toolbar_location=None, tools="",
-                    title="Probability of pneumonia: recent films against the test split", x_range=(0, 1))
+    spread = figure(height=300, width=480, sizing_mode="scale_width", toolbar_location=None, tools="",
+                    title="Probabilities: recent films and reference", x_range=(0, 1))
     edges = np.linspace(0, 1, 21)
     for values, colour, label in ((found["reference"], "#888888", found["reference_name"]),
                                   (found["probabilities"], "#d03b30", "recent films")):
         if values is not None and len(values):
             share = np.histogram(values, bins=edges)[0] / len(values)
-            spread.step(edges[:-1], share, mode="after", color=colour, line_width=2, legend_label=label)
+            # a step is drawn from each x to the next: the last bin (0.95-1) needs its right edge too
+            spread.step(edges, np.r_[share, share[-1]], mode="after", color=colour, line_width=2, legend_label=label)
     if spread.legend:
         spread.legend.location = "top_center"
     keyboard_visible(per_day, spread)
-    return components(row(per_day, spread, sizing_mode="scale_width"))
+    return per_day, spread
+
+
+def plots(found: dict) -> tuple[str, tuple[str, str]]:
+    return components(charts(found))
 
 
 def current_figures() -> dict:
@@ -226,9 +232,9 @@ def current_figures() -> dict:
 @bp.get("/monitor")
 def monitor():
     found = current_figures()
-    script, div = plots(found)
+    script, divs = plots(found)
     nonce = secrets.token_urlsafe(16)
-    html = render_template("monitor.html", found=found, plot={"div": div,
+    html = render_template("monitor.html", found=found, plot={"divs": divs,
                            "script": script.replace("<script", f'<script nonce="{nonce}"', 1)},
                            bokeh_js=bokeh_js_files(), psi_alert=PSI_ALERT, recent=RECENT)
     response = Response(html)

@@ -12,7 +12,7 @@ from model.neighbours import COUNT_K
 from model.store import StoreError
 
 from .analysis import THUMBNAIL_URL, bokeh_js_files
-from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_png
+from .render import png_bytes_data_uri, png_data_uri, reliability_bars, roc_polyline, saliency_empty, saliency_png
 from .security import content_security_policy
 from .serving import clinic_probability, get_predictor, neighbour_index
 from .thumbnails import dataset_file
@@ -57,10 +57,13 @@ def predict():
         prediction=prediction,
         case_id=case_id,
         filename=upload_name(request),
-        percent=100 * shown_probability(prediction.probability),
+        shown=shown_probability(prediction.probability),
+        age=age,
         input_uri=png_data_uri(prediction.model_input),
         aligned_uri=png_data_uri(prediction.aligned),
-        saliency_uri=png_bytes_data_uri(saliency_png(prediction.aligned, prediction.saliency, side=64)),
+        saliency_uri=None if saliency_empty(prediction.saliency) else png_bytes_data_uri(
+            saliency_png(prediction.aligned, prediction.saliency, side=64)),
+        saliency_measured=predictor.checkpoint.metrics.get("saliency"),
         model=predictor.checkpoint,
         test_metrics=test_figures(predictor.checkpoint.metrics),
         similar=similar,
@@ -77,6 +80,18 @@ def prevalence() -> dict:
     """The validation mix the probabilities are calibrated to, and the clinic's setting (or None)."""
     return {"calibration": get_predictor().checkpoint.calibration_prevalence,
             "clinic": current_app.config.get("CLINIC_PREVALENCE")}
+
+
+@bp.app_template_filter("percent")
+def percent_text(probability: float) -> str:
+    """A probability as pages print it, to a tenth of a percent; never "100.0%" or "0.0%", which
+    would read as certainty the model does not have."""
+    value = 100 * probability
+    if value >= 99.95:
+        return "> 99.9%"
+    if value < 0.05:
+        return "< 0.1%"
+    return f"{value:.1f}%"
 
 
 @bp.app_template_global()

@@ -27,6 +27,14 @@ FOCUS_CSS = ("*:focus-visible { outline: 3px solid #0b57d0 !important; outline-o
              ".bk-Canvas:focus-within { outline: 3px solid #0b57d0; outline-offset: -3px; }")
 
 
+#: The two splits side by side, and one above the other where the page is a phone's width: side by
+#: side there, each map was about 170 px wide with its title and legend cut.
+STACK_ON_PHONES = ("@media (max-width: 640px) {"
+                   " :host { flex-direction: column !important; height: auto !important; }"
+                   " :host > * { width: 100% !important; height: auto !important; aspect-ratio: 1 / 1;"
+                   " flex: none !important; } }")
+
+
 def keyboard_visible(*models) -> None:
     for model in models:  # a stylesheet each: a Bokeh model belongs to one document
         model.stylesheets = [*model.stylesheets, InlineStyleSheet(css=FOCUS_CSS)]
@@ -73,7 +81,8 @@ def build_layout(tsne_map: TsneMap, thumbnail_url: str | None) -> Tabs:
             points, wrong = sources[split]
             plot = figure(
                 title=f"{name} ({len(points.data['file'])} images)",
-                width=560, height=560, sizing_mode="scale_width", tools="pan,wheel_zoom,box_zoom,reset,save",
+                width=560, height=560, sizing_mode="scale_width", aspect_ratio=1,
+                tools="pan,wheel_zoom,box_zoom,reset,save",
                 active_scroll="wheel_zoom", **shared,
             )
             shared = {"x_range": plot.x_range, "y_range": plot.y_range}  # linked pan and zoom
@@ -88,7 +97,9 @@ def build_layout(tsne_map: TsneMap, thumbnail_url: str | None) -> Tabs:
             plot.toolbar.logo = None  # a link off this site, and a tab stop, in every plot
             keyboard_visible(plot, plot.toolbar)
             plots.append(plot)
-        panels.append(TabPanel(child=row(*plots, sizing_mode="scale_width"), title=title))
+        pair = row(*plots, sizing_mode="scale_width")
+        pair.stylesheets = [*pair.stylesheets, InlineStyleSheet(css=STACK_ON_PHONES)]
+        panels.append(TabPanel(child=pair, title=title))
     tabs = Tabs(tabs=panels, sizing_mode="scale_width")
     keyboard_visible(tabs)
     return tabs
@@ -119,18 +130,22 @@ READ_COLORS = {"pneumonia": "#d03b30", "normal": "#2e9e4f", "uncertain": "#e08a0
 
 
 def cases_figure(tsne_map: TsneMap, xy: np.ndarray, reads: list[str]):
-    """The training split's learned features in gray, and recent cases on them (placed as the
-    result page places its star), coloured by the clinician's read."""
+    """The training split's learned features coloured by label, and recent cases on them (placed
+    as the result page places its star) as outlined diamonds coloured by the clinician's read: a
+    read that disagrees with the training films around it shows as a diamond of the other colour."""
     train = tsne_map.split == "train"
     plot = figure(title=f"The last {len(reads)} cases on the training films' learned-features map",
                   width=620, height=560, sizing_mode="scale_width", tools="pan,wheel_zoom,reset",
                   active_scroll="wheel_zoom")
-    plot.scatter(tsne_map.feature_xy[train, 0], tsne_map.feature_xy[train, 1], size=4, color="#c9cfd6",
-                 alpha=0.5, legend_label="training films")
+    for value, name in ((0, "NORMAL"), (1, "PNEUMONIA")):
+        chosen = train & (tsne_map.label == value)
+        plot.scatter(tsne_map.feature_xy[chosen, 0], tsne_map.feature_xy[chosen, 1], size=4, color=COLORS[name],
+                     alpha=0.3, legend_label=f"training {name}")
     for read, color in READ_COLORS.items():
         chosen = [i for i, r in enumerate(reads) if r == read]
         if chosen:
-            plot.scatter(xy[chosen, 0], xy[chosen, 1], size=9, fill_color=color, line_color="#111111",
+            plot.scatter(xy[chosen, 0], xy[chosen, 1], marker="diamond", size=13, fill_color=color,
+                         line_color="#111111", line_width=1.5,
                          legend_label=f"read {read}" if read != "awaiting" else "awaiting a read")
     legend_below(plot)
     plot.legend.click_policy = "hide"
