@@ -117,6 +117,7 @@ def main() -> int:
     parser.add_argument("--tune", default="norm")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--target", type=float, default=None, help="the tuned threshold's pooled sensitivity")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     parent = load_checkpoint(args.checkpoint)
@@ -155,6 +156,8 @@ def main() -> int:
                 for mode in args.modes:
                     started = time.perf_counter()
                     extra = {} if args.steps is None else {"steps": args.steps}
+                    if args.target:
+                        extra["target"] = args.target
                     candidate = adapt(parent, site, films, held_out, rest, train, val, test, adult,
                                       threshold_only=mode == "threshold", tune=args.tune, **extra)
                     seconds = time.perf_counter() - started

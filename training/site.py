@@ -486,7 +486,8 @@ def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosin
 
 def adapt(parent: Checkpoint, site_name: str, films: SiteFilms, held_out: np.ndarray, rest: np.ndarray,
           train, val, test, adult, *, threshold_only: bool = False, tune: str = "norm", steps: int = STEPS,
-          seed: int = 0, replay_limit: int | None = None, patients: dict[str, str] | None = None) -> Checkpoint:
+          seed: int = 0, replay_limit: int | None = None, patients: dict[str, str] | None = None,
+          target: float | None = None) -> Checkpoint:
     """The site candidate: see the module's docstring. ``train``/``val``/``test``: the parent's own
     splits (``checkpoint_splits``); ``adult``: ``AdultFilms`` or None (the parent's population gate stays)."""
     started = time.perf_counter()
@@ -508,7 +509,7 @@ def adapt(parent: Checkpoint, site_name: str, films: SiteFilms, held_out: np.nda
     # tuned: the recipe's sensitivity on the original validation films and the site's choosing films
     # together; the tuning brought the site's films to the original ones' scale, and a couple of dozen
     # choosing films alone set the threshold by their single lowest pneumonia film (100 films: site FPR 0.45).
-    target = float(parent.training_data.get("recipe", {}).get("target_sensitivity", 0.98))
+    target = target or float(parent.training_data.get("recipe", {}).get("target_sensitivity", 0.98))
     chooser = rest_films if threshold_only else choosing
     site_logits = infer_batches(model, chooser.inputs).logits
     val_logits = infer_batches(model, val.images).logits
