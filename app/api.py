@@ -13,7 +13,7 @@ from .errors import status_for
 from .render import saliency_empty, saliency_png
 from .serving import clinic_probability, get_predictor, neighbour_index
 from .uploads import form_value, predict_each, read_age, read_batch_upload, read_single_upload
-from .worklist import record_case
+from .worklist import answer_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -77,10 +77,10 @@ def predict():
     with ``?neighbours=K`` also the K nearest training films."""
     k = wanted_neighbours()
     data, age = read_single_upload(request), read_age(request)
-    prediction = get_predictor().predict(data, saliency=wants_saliency(), age_years=age)
-    body = {"case_id": record_case(data, prediction, "api", age), **prediction_json(prediction)}
+    answered = answer_upload(data, "api", age, saliency=wants_saliency())
+    body = {"case_id": answered.case_id, **prediction_json(answered.prediction)}
     if k is not None:
-        body.update(neighbours_json(prediction, k))
+        body.update(neighbours_json(answered.prediction, k))
     return jsonify(body)
 
 

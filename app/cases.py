@@ -35,6 +35,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -49,7 +50,9 @@ log = logging.getLogger("app")
 READS = ("pneumonia", "normal", "uncertain")
 #: The longest note an overread keeps (the column's size); a longer one is refused, never cut.
 NOTE_LIMIT = 500
-SOURCES = ("page", "api", "batch")
+SOURCES = ("page", "api", "batch", "dicom")
+#: Where a structured report stands on its way to the PACS.
+DELIVERY_STATES = ("pending", "sent", "failed")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: How long after a failed write the record waits before trying the database again.
 RETRY_S = 2.0
@@ -78,13 +81,19 @@ class Case(Base):
     age_years: Mapped[float | None] = mapped_column(Float)
     user: Mapped[str | None] = mapped_column(String(128))
     overread: Mapped[str | None] = mapped_column(String(16))  # the latest overread, for the worklist's filters
+    # A film from the PACS: the UIDs that link the case to its study (no patient data; SECURITY.md)
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_uid: Mapped[str | None] = mapped_column(String(64))
     overreads: Mapped[list[Overread]] = relationship(back_populates="case", order_by="Overread.id")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="case", order_by="Delivery.id")
 
     __table_args__ = (Index("ix_cases_version_created", "model_version", "created_at"),
                       Index("ix_cases_created", "created_at"),
                       Index("ix_cases_probability", "probability"),
                       Index("ix_cases_overread_created", "overread", "created_at"),
-                      Index("ix_cases_version_overread", "model_version", "overread", "decision"))
+                      Index("ix_cases_version_overread", "model_version", "overread", "decision"),
+                      UniqueConstraint("sop_uid", name="uq_cases_sop_uid"))
 
     @property
     def refused(self) -> bool:
@@ -103,6 +112,36 @@ class Overread(Base):
     user: Mapped[str | None] = mapped_column(String(128))
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     case: Mapped[Case] = relationship(back_populates="overreads")
+
+
+class Delivery(Base):
+    """A structured report on its way back into the film's study (the DICOM node's outbox).
+    The report itself waits in the node's spool folder under ``sr_uid``; the same report, with
+    the same UIDs, goes out on every try."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_pk: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    sr_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(8))  # DELIVERY_STATES
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    next_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    done_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    case: Mapped[Case] = relationship(back_populates="deliveries")
+
+    __table_args__ = (Index("ix_deliveries_state_next", "state", "next_at"),)
+
+
+@dataclass(frozen=True)
+class StudyLink:
+    """The DICOM UIDs of a film from the PACS, kept with its case to answer into its study."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
 
 
 def file_kind(data: bytes) -> str:
@@ -217,7 +256,7 @@ class CaseRecord:
     # ---- writing --------------------------------------------------------------------
 
     def record(self, data: bytes, answer: Answer, model_version: str, source: str, age_years: float | None,
-               user: str | None) -> str | None:
+               user: str | None, study: StudyLink | None = None) -> str | None:
         """Append one case; its ``case_id``, or None when the database could not take it."""
         case_id = secrets.token_urlsafe(16)
         row = {
@@ -226,7 +265,8 @@ class CaseRecord:
             "probability": answer.probability, "threshold": answer.threshold, "decision": answer.decision,
             "refusal": answer.refusal, "gate_score": answer.gate_score, "age_years": age_years, "user": user,
             "features": None if answer.features is None else np.asarray(answer.features, np.float16).tobytes(),
-            "overread": None,
+            "overread": None, "study_uid": study and study.study_uid, "series_uid": study and study.series_uid,
+            "sop_uid": study and study.sop_uid,
         }
         try:
             if not self._usable():
@@ -271,6 +311,48 @@ class CaseRecord:
     def count(self) -> int:
         with Session(self.engine) as session:
             return session.scalar(select(func.count()).select_from(Case))
+
+    # ---- the DICOM node's outbox ----------------------------------------------------
+    # These raise when the database cannot be reached: the node then withholds its
+    # acknowledgement (the PACS sends the film again) or tries the delivery later.
+
+    def case_of_instance(self, sop_uid: str) -> tuple[str, bool] | None:
+        """(case_id, whether its report is in the outbox) of the film with this SOP Instance UID."""
+        with Session(self.engine) as session:
+            case = session.scalar(select(Case).where(Case.sop_uid == sop_uid).options(selectinload(Case.deliveries)))
+            return None if case is None else (case.case_id, bool(case.deliveries))
+
+    def add_delivery(self, case_id: str, sr_uid: str) -> None:
+        now = dt.datetime.now(dt.UTC)
+        with Session(self.engine) as session, session.begin():
+            case_pk = session.scalar(select(Case.id).where(Case.case_id == case_id))
+            session.add(Delivery(case_pk=case_pk, sr_uid=sr_uid, state="pending", attempts=0, created_at=now,
+                                 next_at=now))
+
+    def due_deliveries(self, limit: int = 20) -> list[Delivery]:
+        query = (select(Delivery).where(Delivery.state == "pending", Delivery.next_at <= dt.datetime.now(dt.UTC))
+                 .order_by(Delivery.next_at).limit(limit))
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(query))
+
+    def delivery_done(self, delivery_id: int, state: str, error: str | None = None,
+                      retry_at: dt.datetime | None = None) -> None:
+        """``sent``; ``failed`` for good (the PACS refused it); or still ``pending``, to try at ``retry_at``."""
+        if state not in DELIVERY_STATES:
+            raise ValueError(state)
+        now = dt.datetime.now(dt.UTC)
+        values = {"state": state, "attempts": Delivery.attempts + 1, "last_error": error and error[:200],
+                  "done_at": None if state == "pending" else now, "next_at": retry_at or now}
+        with Session(self.engine) as session, session.begin():
+            session.execute(Delivery.__table__.update().where(Delivery.id == delivery_id).values(**values))
+
+    def delivery_figures(self) -> dict:
+        """For /monitor: reports pending and failed, and when the oldest pending one was made."""
+        with Session(self.engine) as session:
+            counts = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+            oldest = session.scalar(select(func.min(Delivery.created_at)).where(Delivery.state == "pending"))
+        return {"pending": counts.get("pending", 0), "failed": counts.get("failed", 0), "sent": counts.get("sent", 0),
+                "oldest_pending": oldest}
 
 
 def make_engine(url: str):

@@ -17,7 +17,7 @@ from .security import content_security_policy
 from .serving import clinic_probability, get_predictor, neighbour_index
 from .thumbnails import dataset_file
 from .uploads import predict_each, read_age, read_batch_upload, read_single_upload, upload_name
-from .worklist import record_case
+from .worklist import answer_upload
 
 bp = Blueprint("pages", __name__)
 
@@ -49,8 +49,8 @@ def index():
 def predict():
     predictor = get_predictor()
     data, age = read_single_upload(request), read_age(request)
-    prediction = predictor.predict(data, saliency=True, age_years=age)
-    case_id = record_case(data, prediction, "page", age)
+    answered = answer_upload(data, "page", age, saliency=True)
+    prediction, case_id = answered.prediction, answered.case_id
     similar = similar_films(prediction) if prediction.in_distribution else None
     html = render_template(
         "result.html",

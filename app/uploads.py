@@ -11,7 +11,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from model import ImageError, Predictor, RequestBudget, UnreadableFileError
 
-from .worklist import record_case
+from .answering import answer_files
+from .worklist import case_record, current_user
 
 log = logging.getLogger("app")
 
@@ -117,20 +118,21 @@ def predict_each(predictor: Predictor, files: list[tuple[str, bytes]], age_years
     """One row per file: ``{"name", "prediction", "case_id"}`` or, for a file that cannot be
     read, ``{"name", "error"}``.
 
-    The films go through the network in one batch (``Predictor.predict_files``), within
-    the request's budget of pixels and seconds: a file it cannot pay for is refused in its row.
+    The films go through the network in one batch (``answering.answer_files``), within the
+    request's budget of pixels and seconds: a file it cannot pay for is refused in its row.
     Each prediction is kept as a case (``source``: where it came from); ``case_id`` is None
     when the record could not take it.
     """
     config = current_app.config
     budget = RequestBudget(config["MAX_REQUEST_PIXELS"], config["REQUEST_BUDGET_S"])
-    results = predictor.predict_files([data for _, data in files], age_years, budget)
+    results = answer_files(predictor, case_record(), files, source, age_years=age_years, user=current_user(),
+                           budget=budget)
     for position, result in enumerate(results, 1):
         if isinstance(result, UnreadableFileError):
             log_unreadable(result, f"file {position}")
     return [{"name": name, "error": result} if isinstance(result, ImageError)
-            else {"name": name, "prediction": result, "case_id": record_case(data, result, source, age_years)}
-            for (name, data), result in zip(files, results)]
+            else {"name": name, "prediction": result.prediction, "case_id": result.case_id}
+            for (name, _), result in zip(files, results)]
 
 
 def log_unreadable(error: UnreadableFileError, which: str = "the file") -> None:

@@ -21,7 +21,8 @@ from sqlalchemy import case as when
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from .cases import NOTE_LIMIT, READS, Answer, Case, CaseRecord, Overread
+from .answering import Answered, answer
+from .cases import NOTE_LIMIT, READS, Case, CaseRecord, Overread
 from .serving import get_predictor
 
 bp = Blueprint("cases", __name__)
@@ -50,10 +51,10 @@ def current_user() -> str | None:
     return (request.headers.get(header) or "").strip()[:128] or None if header else None
 
 
-def record_case(data: bytes, prediction, source: str, age_years: float | None) -> str | None:
-    """Append the case of one prediction; its id, or None when the record could not take it."""
-    return case_record().record(data, Answer.of(prediction), get_predictor().version, source, age_years,
-                                current_user())
+def answer_upload(data: bytes, source: str, age_years: float | None, saliency: bool = False) -> Answered:
+    """This request's film answered by this request's predictor, and its case recorded with its user."""
+    return answer(get_predictor(), case_record(), data, source, age_years=age_years, user=current_user(),
+                  saliency=saliency)
 
 
 # ---- overread -----------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_the_schema_is_alembics(record_app):
     engine = record_app.extensions["cases"].engine
     assert {"cases", "overreads", "alembic_version"} <= set(inspect(engine).get_table_names())
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     assert "ix_cases_version_overread" in {index["name"] for index in inspect(engine).get_indexes("cases")}
 
 
@@ -278,5 +278,5 @@ def test_a_record_made_by_an_older_version_is_migrated_at_start_up_with_its_case
                                 "input_sha256) VALUES ('old-case', '2026-12-01 10:00:00', 'v0', 'api', 'png', 'x')"))
     app = make_app(DATABASE_URL=url)
     with app.extensions["cases"].engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     assert app.test_client().get("/api/v1/cases/old-case").get_json()["model_version"] == "v0"
