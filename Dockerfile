@@ -44,6 +44,8 @@ USER screening
 VOLUME /var/lib/pneumonia/models /var/lib/pneumonia/cases
 
 EXPOSE 8000
+# The DICOM node listens here when DICOM_PORT is set (README, "Films from the PACS").
+EXPOSE 11112
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD python -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"
 

@@ -304,7 +304,8 @@ class CaseRecord:
     # ---- reading --------------------------------------------------------------------
 
     def case(self, case_id: str) -> Case | None:
-        query = select(Case).where(Case.case_id == case_id).options(selectinload(Case.overreads))
+        query = (select(Case).where(Case.case_id == case_id)
+                 .options(selectinload(Case.overreads), selectinload(Case.deliveries)))
         with Session(self.engine, expire_on_commit=False) as session:
             return session.scalar(query)  # its overreads loaded with it: pages read them after the session
 
@@ -347,12 +348,18 @@ class CaseRecord:
             session.execute(Delivery.__table__.update().where(Delivery.id == delivery_id).values(**values))
 
     def delivery_figures(self) -> dict:
-        """For /monitor: reports pending and failed, and when the oldest pending one was made."""
         with Session(self.engine) as session:
-            counts = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
-            oldest = session.scalar(select(func.min(Delivery.created_at)).where(Delivery.state == "pending"))
-        return {"pending": counts.get("pending", 0), "failed": counts.get("failed", 0), "sent": counts.get("sent", 0),
-                "oldest_pending": oldest}
+            return delivery_figures(session)
+
+
+def delivery_figures(session) -> dict:
+    """The DICOM node's outbox (every version): reports pending, failed for good, sent; the oldest waiting."""
+    counts = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+    oldest = session.scalar(select(func.min(Delivery.created_at)).where(Delivery.state == "pending"))
+    if oldest is not None and oldest.tzinfo is None:  # SQLite gives back naive UTC
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    return {"pending": counts.get("pending", 0), "failed": counts.get("failed", 0), "sent": counts.get("sent", 0),
+            "oldest_pending": oldest}
 
 
 def make_engine(url: str):

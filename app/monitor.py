@@ -35,7 +35,7 @@ from model.tsne_map import load_shared
 from model.validation import local_validation, proportion
 
 from .analysis import bokeh_js_files
-from .cases import READS, Case
+from .cases import READS, Case, delivery_figures
 from .security import content_security_policy
 from .serving import get_predictor, tsne_map_path
 from .tsne_plot import keyboard_visible
@@ -136,11 +136,30 @@ def figures(engine, version: str, checkpoint) -> dict:
                         if fpr.get("interval") else None},
         "ppv": proportion(tp, tp + fp),
     }
+    with Session(engine) as session:
+        deliveries = delivery_figures(session)
     return {"model_version": version, "window_days": WINDOW_DAYS, "cases_per_day": per_day, "refusal": refusal,
             "stability": stability, "agreement": agreement, "reference_name": against["name"],
-            "site_report": site_report(overread, checkpoint.threshold),
-            "alerts": alerts(refusal, stability, agreement, against["name"]),
+            "site_report": site_report(overread, checkpoint.threshold), "deliveries": deliveries,
+            "alerts": alerts(refusal, stability, agreement, against["name"]) + delivery_alerts(deliveries),
             "waiting": waiting(refusal, stability, agreement), "probabilities": probabilities, "reference": expected}
+
+
+#: A structured report still waiting after this long means the PACS has been unreachable for a while.
+LATE_REPORT = dt.timedelta(minutes=10)
+
+
+def delivery_alerts(deliveries: dict) -> list[str]:
+    found = []
+    if deliveries["failed"]:
+        found.append(f"{deliveries['failed']} structured reports were refused by the PACS for good: the cases "
+                     "say why; they are not sent again by themselves")
+    oldest = deliveries["oldest_pending"]
+    if oldest is not None and dt.datetime.now(dt.UTC) - oldest > LATE_REPORT:
+        minutes = (dt.datetime.now(dt.UTC) - oldest).total_seconds() / 60
+        found.append(f"{deliveries['pending']} structured reports wait for the PACS, the oldest for {minutes:.0f} "
+                     "minutes: is the PACS reachable (DICOM_DESTINATION)?")
+    return found
 
 
 def site_report(overread: list, threshold: float) -> dict:

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from .answering import Answered, answer
-from .cases import NOTE_LIMIT, READS, Case, CaseRecord, Overread
+from .cases import NOTE_LIMIT, READS, Case, CaseRecord, Delivery, Overread
 from .serving import get_predictor
 
 bp = Blueprint("cases", __name__)
@@ -108,6 +108,9 @@ def case_json(case: Case) -> dict:
         "threshold": case.threshold, "decision": case.decision,
         "refusal": case.refusal.split(",") if case.refusal else [], "age_years": case.age_years,
         "overreads": [{"read": o.read, "note": o.note, "user": o.user, "at": o.at.isoformat()} for o in case.overreads],
+        "reports": [{"state": d.state, "attempts": d.attempts, "error": d.last_error,
+                     "delivered_at": d.done_at.isoformat() if d.state == "sent" and d.done_at else None}
+                    for d in case.deliveries],
     }
 
 
@@ -136,8 +139,10 @@ def worklist():
         page = max(1, int(request.args.get("page", "1")))
     except ValueError:
         abort(400, "page must be a whole number.")
+    delivery = (select(Delivery.state).where(Delivery.case_pk == Case.id).order_by(Delivery.id.desc()).limit(1)
+                .scalar_subquery().label("delivery"))
     query = select(Case.case_id, Case.created_at, Case.model_version, Case.source, Case.probability,
-                   Case.decision, Case.refusal, Case.overread, Case.age_years)
+                   Case.decision, Case.refusal, Case.overread, Case.age_years, delivery)
     if FILTERS[show] is not None:
         query = query.where(FILTERS[show])
     query = query.order_by(*ORDERS[order]).limit(PAGE_SIZE + 1).offset((page - 1) * PAGE_SIZE)

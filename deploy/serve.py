@@ -8,8 +8,12 @@ connection, never one of gunicorn's threads. Settings come from the environment:
 ``HOST`` and ``PORT`` for the public address (0.0.0.0:8000), ``MAX_UPLOAD_MB`` and
 ``REQUEST_BUDGET_S`` as the app reads them, and gunicorn's own (gunicorn.conf.py).
 
+With ``DICOM_PORT`` set, the DICOM node (``deploy/dicom.py``) runs beside them, in a
+process of its own.
+
 SIGTERM or SIGINT stops both gracefully: nginx first (it stops accepting and finishes
-the requests it holds, which gunicorn is still there to answer), then gunicorn.
+the requests it holds, which gunicorn is still there to answer), then gunicorn (and the
+node, which finishes the film in hand; anything acknowledged waits in its spool).
 """
 from __future__ import annotations
 
@@ -87,22 +91,25 @@ def main() -> int:
     socket = runtime / "gunicorn.sock"
     app = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
                            env={**os.environ, "BIND": f"unix:{socket}"})
-    proxy = None
+    proxy = node = None
+    if os.environ.get("DICOM_PORT"):
+        node = subprocess.Popen([sys.executable, "-m", "deploy.dicom"], cwd=ROOT)
     try:
         wait_for_socket(socket, app)
         proxy = subprocess.Popen([nginx, "-e", "stderr", "-p", str(runtime), "-c", str(runtime / "nginx.conf")])
         print(f"pneumonia-screening: serving on http://{values['LISTEN']} (nginx in front of gunicorn)",
               file=sys.stderr, flush=True)
-        while not stopping and app.poll() is None and proxy.poll() is None:
+        while not stopping and app.poll() is None and proxy.poll() is None and (node is None or node.poll() is None):
             time.sleep(0.2)
         return 0 if stopping else 1
     finally:
         if proxy is not None and proxy.poll() is None:
             proxy.send_signal(signal.SIGQUIT)  # graceful: finish what it holds
             _wait(proxy, int(values["SHUTDOWN_S"]) + 5)
-        if app.poll() is None:
-            app.terminate()  # graceful: gunicorn's graceful_timeout
-            _wait(app, int(values["SHUTDOWN_S"]) + 5)
+        for process in (app, node):
+            if process is not None and process.poll() is None:
+                process.terminate()  # graceful: gunicorn's graceful_timeout; the node's film in hand
+                _wait(process, int(values["SHUTDOWN_S"]) + 5)
         shutil.rmtree(runtime, ignore_errors=True)
 
 

@@ -117,3 +117,34 @@ def mutations(count: int, seed: int = 0) -> Iterator[bytes]:
             else:  # a slice repeated
                 data[at:at] = data[at : at + int(rng.integers(2, 200))]
         yield bytes(data)
+
+
+def dx_film(pixels: np.ndarray, tags: dict | None = None, sop_class: str = "1.2.840.10008.5.1.4.1.1.1.1",
+            transfer_syntax: str = ExplicitVRLittleEndian, study_uid: str | None = None) -> pydicom.Dataset:
+    """A DX (For Presentation) film as a PACS holds it: patient, study and series modules, 8 bits
+    stored; ``transfer_syntax`` JPEG 2000 Lossless or RLE compresses it (pylibjpeg-openjpeg encodes)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = PATIENT_NAME, PATIENT_ID, "20230101", "F"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20261207", "101500", "1", "ACC-0042"
+    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, 1
+    ds.Modality = "CT" if sop_class == "1.2.840.10008.5.1.4.1.1.2" else "DX"
+    ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["ORIGINAL", "PRIMARY"]
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+    for keyword, value in (tags or {}).items():
+        setattr(ds, keyword, value)
+    pixels = np.asarray(pixels, np.uint8)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))  # read back: encoded as a received file is

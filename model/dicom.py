@@ -4,8 +4,9 @@ Besides the technical attributes needed to decode (modality, frame count,
 photometric interpretation, LUTs), only what the population check needs is read:
 the patient's age (PatientAge, or PatientBirthDate with the study's date), the view
 and the body part (``FilmFacts``). No name, identifier or other patient attribute is
-read, and none is returned or logged. Compressed transfer syntaxes decode where pydicom's own decoders or Pillow
-cover them (RLE Lossless, Deflated, JPEG Baseline).
+read, and none is returned or logged. Compressed transfer syntaxes decode where pydicom's
+own decoders, Pillow or the pylibjpeg plugins cover them (RLE Lossless, Deflated, JPEG
+Baseline, JPEG Lossless, JPEG 2000; JPEG-LS through pyjpegls).
 
 Every allocation is bounded before it is made: a deflated dataset is inflated here,
 never past what the largest permitted film needs (pydicom would inflate all of it
