@@ -122,6 +122,37 @@ def postgresql_server():
         yield server
 
 
+# ---- the DICOM node's ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def served():
+    """The bundled model as a DICOM node serves it (no store to watch)."""
+    from app.serving import ServedModel
+    from model import Predictor
+    from model.settings import DEFAULT_CHECKPOINT
+
+    return ServedModel(Predictor.from_path(DEFAULT_CHECKPOINT))
+
+
+@pytest.fixture
+def record(tmp_path):
+    """A case record of the test's own."""
+    from app.cases import CaseRecord
+
+    record = CaseRecord(f"sqlite:///{tmp_path / 'cases.sqlite3'}")
+    record.migrate()
+    return record
+
+
+@pytest.fixture(scope="session")
+def pneumonia_pixels(real_data):
+    """A real test-split film with pneumonia as 8-bit pixels, to build DICOM films from."""
+    import cv2
+
+    return cv2.imread(str(sorted((real_data / "test" / "PNEUMONIA").iterdir())[0]), cv2.IMREAD_GRAYSCALE)
+
+
 # ---- the browser tests' server and headless Chromium ----------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

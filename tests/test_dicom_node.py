@@ -5,8 +5,6 @@ import io
 import threading
 import time
 
-import cv2
-import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
@@ -17,15 +15,11 @@ from pynetdicom.sop_class import (
     DigitalXRayImageStorageForPresentation,
 )
 
-from app.cases import CaseRecord
-from app.serving import ServedModel
 from deploy import outbox as outbox_module
 from deploy.dicom import Node, NodeSettings, Peer
 from deploy.outbox import Destination
 from deploy.report import ABSENT, PNEUMONIA, PRESENT
 from harness.dicom_files import PATIENT_ID, PATIENT_NAME, dx_film
-from model import Predictor
-from model.settings import DEFAULT_CHECKPOINT
 
 SENDER = "TESTPACS"
 
@@ -60,18 +54,6 @@ class FakePacs:
 
     def stop(self):
         self.server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def served() -> ServedModel:
-    return ServedModel(Predictor.from_path(DEFAULT_CHECKPOINT))
-
-
-@pytest.fixture
-def record(tmp_path) -> CaseRecord:
-    record = CaseRecord(f"sqlite:///{tmp_path / 'cases.sqlite3'}")
-    record.migrate()
-    return record
 
 
 @pytest.fixture
@@ -126,11 +108,6 @@ def eventually(condition, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-@pytest.fixture(scope="module")
-def pneumonia_pixels(real_data) -> np.ndarray:
-    return cv2.imread(str(sorted((real_data / "test" / "PNEUMONIA").iterdir())[0]), cv2.IMREAD_GRAYSCALE)
 
 
 def content(report: pydicom.Dataset) -> dict[str, list]:

@@ -1,0 +1,74 @@
+"""End to end through a real PACS: Debian's Orthanc routes a film to the node, and the node's
+structured report lands in the same study in Orthanc."""
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pydicom
+import pytest
+
+from deploy import outbox as outbox_module
+from deploy.dicom import Node, NodeSettings, Peer
+from deploy.outbox import Destination
+from harness import orthanc as orthanc_harness
+from harness.dicom_files import dx_film
+from tests.test_dicom_node import content, eventually
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pacs_and_node(tmp_path, record, served, monkeypatch):
+    if orthanc_harness.binary() is None:
+        message = "Orthanc is not installed (Debian package orthanc; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI requires it")
+        pytest.skip(message)
+    monkeypatch.setattr(outbox_module, "FIRST_WAIT_S", 0.2)
+    monkeypatch.setattr(outbox_module, "MAX_WAIT_S", 0.5)
+    node_port = orthanc_harness.free_port()
+    (tmp_path / "orthanc").mkdir()
+    pacs = orthanc_harness.Orthanc(tmp_path / "orthanc", ("PNEUMONIA", node_port))
+    pacs.start()
+    settings = NodeSettings(aet="PNEUMONIA", port=node_port, host="127.0.0.1",
+                            peers=(Peer(orthanc_harness.AET, "127.0.0.1"),),
+                            destination=Destination(orthanc_harness.AET, "127.0.0.1", pacs.dicom_port),
+                            spool=tmp_path / "spool")
+    node = Node(settings, served, record)
+    node.start()
+    yield pacs, node
+    node.stop()
+    pacs.stop()
+
+
+def test_a_film_routed_by_orthanc_comes_back_as_a_report_in_its_study(pacs_and_node, record, pneumonia_pixels,
+                                                                      uploads):
+    pacs, node = pacs_and_node
+    film = dx_film(pneumonia_pixels, tags={"PatientAge": "003Y"})
+    buffer = io.BytesIO()
+    film.save_as(buffer, enforce_file_format=True)
+    stored = pacs.upload(buffer.getvalue())
+    started = time.monotonic()
+    pacs.send_to_node([stored["ID"]])
+    assert eventually(lambda: pacs.reports(stored["ParentStudy"]), timeout=15)
+    seconds = time.monotonic() - started
+    report = pydicom.dcmread(io.BytesIO(pacs.instance_file(pacs.reports(stored["ParentStudy"])[0])))
+    assert report.StudyInstanceUID == film.StudyInstanceUID and report.Modality == "SR"
+    api = uploads.api(buffer.getvalue(), "film.dcm").get_json()
+    assert content(report)["Pneumonia"] == ["52101004" if api["label"] == "PNEUMONIA" else "2667000"]
+    assert eventually(lambda: record.delivery_figures()["sent"] == 1)
+    assert seconds < 15  # the bench measures the p50 (docs/performance.md)
+
+
+def test_an_adult_film_from_orthanc_gets_a_refusal_report(pacs_and_node, pneumonia_pixels):
+    pacs, _ = pacs_and_node
+    film = dx_film(pneumonia_pixels, tags={"PatientAge": "052Y"})
+    buffer = io.BytesIO()
+    film.save_as(buffer, enforce_file_format=True)
+    stored = pacs.upload(buffer.getvalue())
+    pacs.send_to_node([stored["ID"]])
+    assert eventually(lambda: pacs.reports(stored["ParentStudy"]), timeout=15)
+    found = content(pydicom.dcmread(io.BytesIO(pacs.instance_file(pacs.reports(stored["ParentStudy"])[0]))))
+    assert "not-assessed" in found["Assessment by the screening tool"] and "Probability" not in found
