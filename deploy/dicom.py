@@ -1,6 +1,7 @@
 """The DICOM node: films pushed from the PACS, answers sent back into their studies.
 
     python -m deploy.dicom          # alone; `make serve` and the Docker image start it when DICOM_PORT is set
+    python -m deploy.dicom catch-up [--hours 24]    # films the PACS holds that were never answered
 
 Settings (environment): ``DICOM_AET`` (our AE title, default PNEUMONIA), ``DICOM_PORT``,
 ``DICOM_PEERS`` (who may send: ``AET@host`` items, comma-separated; ``AET`` alone allows
@@ -19,6 +20,7 @@ acknowledged and not answered twice. Reports leave through the outbox (``deploy/
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import logging
@@ -43,7 +45,11 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    Verification,
+)
 
 from app.answering import answer
 from app.cases import CaseRecord, StudyLink
@@ -53,6 +59,7 @@ from model.atomic import atomic_write
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, REPO_ROOT, database_url, model_store_dir
 from model.store import ModelStore
 
+from .catchup import catch_up
 from .outbox import Destination, Outbox
 from .report import structured_report
 
@@ -210,6 +217,7 @@ class Node:
         ae = AE(ae_title=self.settings.aet)
         for sop_class in ACCEPTED:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)  # C-ECHO: how a PACS admin tests the connection
         ae.require_calling_aet = sorted({peer.aet for peer in self.settings.peers})
         ae.maximum_pdu_size = 0  # no limit: whole films in few PDUs
         return ae
@@ -235,18 +243,34 @@ class Node:
         self.outbox.stop()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+    catch = commands.add_parser("catch-up", help="move to the node the PACS's CR/DX films it never answered")
+    catch.add_argument("--hours", type=float, default=24, help="how far back to look (default 24)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name the peers' files and UIDs
     try:
         settings = NodeSettings.from_environment()
-    except SettingError as exc:
+    except (SettingError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    store = ModelStore(model_store_dir())
-    store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT)
     record = CaseRecord(database_url())
     record.migrate()
+    if args.command == "catch-up":
+        if settings.destination is None:
+            log.error("DICOM_DESTINATION is not set: no PACS to ask")
+            return 2
+        try:
+            missing, moved = catch_up(settings.destination, settings.aet, record, args.hours)
+        except ConnectionError as exc:
+            log.error("%s", exc)
+            return 1
+        print(f"{missing} films of the last {args.hours:g} hours had no case; the PACS moved {moved} to the node")
+        return 0 if moved == missing else 1
+    store = ModelStore(model_store_dir())
+    store.ensure_seeded(DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT)
     node = Node(settings, ServedModel.from_store(store, DecodeLimits()), record)
     node.start()
     stopped = threading.Event()

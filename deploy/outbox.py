@@ -4,9 +4,10 @@ A report is written to the outbox folder (atomically, named by its SOP Instance 
 its delivery is a row in the case record before the film is acknowledged. One thread sends
 what is due, at once when a report arrives. The same file, so the same UIDs, goes on every
 try. A transient failure (the PACS down or busy, an association refused or cut, out of
-resources) is tried again after a capped, doubling wait; a permanent refusal (the PACS
-says it cannot understand or store this object) is kept apart as ``failed`` with the
-PACS's status and shown on /monitor and the case, never retried by itself.
+resources) is tried again after a doubling wait capped at 15 s, so a PACS back from an
+outage has every report within about that; a permanent refusal (the PACS says it cannot
+understand or store this object) is kept apart as ``failed`` with the PACS's status and
+shown on /monitor and the case, never retried by itself.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from model.atomic import atomic_write
 log = logging.getLogger("dicom")
 
 #: Waits between tries: doubling from the first, never above the cap.
-FIRST_WAIT_S, MAX_WAIT_S = 1.0, 30.0
+FIRST_WAIT_S, MAX_WAIT_S = 1.0, 15.0
 #: The PACS's C-STORE statuses that mean "stored" (success and warnings: coercion, elements discarded).
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 

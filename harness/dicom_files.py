@@ -1,6 +1,7 @@
 """DICOM files built with pydicom from generated pixel arrays (no real patient data)."""
 from __future__ import annotations
 
+import datetime as dt
 import io
 import zlib
 from collections.abc import Iterator
@@ -131,7 +132,8 @@ def dx_film(pixels: np.ndarray, tags: dict | None = None, sop_class: str = "1.2.
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = PATIENT_NAME, PATIENT_ID, "20230101", "F"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
-    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20261207", "101500", "1", "ACC-0042"
+    ds.StudyDate, ds.StudyTime = dt.datetime.now().strftime("%Y%m%d"), dt.datetime.now().strftime("%H%M%S")
+    ds.StudyID, ds.AccessionNumber = "1", "ACC-0042"
     ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, 1
     ds.Modality = "CT" if sop_class == "1.2.840.10008.5.1.4.1.1.2" else "DX"
     ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["ORIGINAL", "PRIMARY"]

@@ -72,3 +72,24 @@ def test_an_adult_film_from_orthanc_gets_a_refusal_report(pacs_and_node, pneumon
     assert eventually(lambda: pacs.reports(stored["ParentStudy"]), timeout=15)
     found = content(pydicom.dcmread(io.BytesIO(pacs.instance_file(pacs.reports(stored["ParentStudy"])[0]))))
     assert "not-assessed" in found["Assessment by the screening tool"] and "Probability" not in found
+
+
+def test_catch_up_moves_the_films_a_router_dropped(pacs_and_node, record, pneumonia_pixels):
+    from deploy.catchup import catch_up
+
+    pacs, node = pacs_and_node
+    dropped = []
+    for _ in range(2):  # stored in the PACS, never routed to the node
+        buffer = io.BytesIO()
+        dx_film(pneumonia_pixels).save_as(buffer, enforce_file_format=True)
+        dropped.append(pacs.upload(buffer.getvalue()))
+    routed = dx_film(pneumonia_pixels)
+    buffer = io.BytesIO()
+    routed.save_as(buffer, enforce_file_format=True)
+    pacs.send_to_node([pacs.upload(buffer.getvalue())["ID"]])
+    assert record.count() == 1
+    assert catch_up(node.settings.destination, "PNEUMONIA", record, hours=24) == (2, 2)
+    assert record.count() == 3
+    for stored in dropped:
+        assert eventually(lambda stored=stored: pacs.reports(stored["ParentStudy"]), timeout=15)
+    assert catch_up(node.settings.destination, "PNEUMONIA", record, hours=24) == (0, 0)  # nothing twice
