@@ -362,11 +362,17 @@ def delivery_figures(session) -> dict:
             "oldest_pending": oldest}
 
 
-def make_engine(url: str):
+def make_engine(url: str, durable: bool = True):
     """SQLite in WAL mode, so readers never wait for the writer. A pooled connection is not
     checked before each use (that would cost every case a round trip): one that died in an
     outage fails its write, SQLAlchemy drops the pool's stale connections, and the next
-    write after ``RETRY_S`` opens a fresh one."""
+    write after ``RETRY_S`` opens a fresh one.
+
+    A case is on disk when its answer is given (``durable``): SQLite's ``synchronous=FULL``,
+    PostgreSQL's own ``synchronous_commit``. It is an audit record, and the DICOM node tells
+    the PACS a film is stored on the strength of it. ``durable=False`` (the relaxed settings
+    kept before; a crash of the machine or the database server could lose the last cases)
+    is for ``bench.cases``, which measures what durability costs."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -377,15 +383,14 @@ def make_engine(url: str):
         def _sqlite_settings(connection, _):
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a commit costs no fsync
+            cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
     if url.startswith("postgresql"):
-        # A commit does not wait for the server's disk (synchronous_commit off): a crash of the
-        # database server, not of the app, may lose its last fraction of a second of cases;
-        # nothing is ever half-written. It halves what recording adds to an answer.
-        arguments = {"connect_timeout": 3, "options": "-c synchronous_commit=off"}
+        arguments = {"connect_timeout": 3}
+        if not durable:
+            arguments["options"] = "-c synchronous_commit=off"
         return create_engine(url, pool_size=8, max_overflow=4, pool_timeout=5, connect_args=arguments)
     return create_engine(url)

@@ -5,6 +5,8 @@
 Prints:
 - what recording adds to an API prediction's median: the same app, the record's write
   timed in and out by turns, round after round (goal: <= 1 ms);
+- one case's write with the relaxed settings kept before and with durable commits (shipped),
+  interleaved;
 - a load run, 2 gunicorn workers x 4 threads under 8 clients for 20 s: requests answered,
   cases recorded, errors (goal: as many cases as answers, 0 errors);
 - with ``--cases`` cases in the database: the worklist's first page, /monitor, and the
@@ -53,6 +55,27 @@ def recording_overhead(url: str, rounds: int) -> tuple[float, float]:
             if i >= 20:
                 times[recording].append(elapsed * 1000)
     record.record = real
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def durability_cost(url: str, rounds: int) -> tuple[float, float]:
+    """Median ms of one case's write, relaxed (the settings kept before) and durable (shipped),
+    interleaved write by write on the same database."""
+    from app.cases import Answer, CaseRecord, make_engine
+
+    answer = Answer(0.5, 0.5, "NORMAL", None, 0.1, np.zeros(64, np.float32))
+    records = {}
+    for durable in (False, True):
+        records[durable] = CaseRecord(url)
+        records[durable]._engine, records[durable]._pid = make_engine(url, durable=durable), os.getpid()
+        records[durable].migrate()
+    times = {False: [], True: []}
+    for i in range(rounds + 20):
+        for durable in (False, True):
+            started = time.perf_counter()
+            assert records[durable].record(XRAY, answer, "bench", "api", None, None) is not None
+            if i >= 20:
+                times[durable].append((time.perf_counter() - started) * 1000)
     return statistics.median(times[False]), statistics.median(times[True])
 
 
@@ -141,6 +164,9 @@ def run(label: str, url: str, args) -> None:
     without, with_record = recording_overhead(url, args.rounds)
     print(f"{label}: API prediction median {without:.2f} ms without the record, {with_record:.2f} ms with it "
           f"(+{with_record - without:.2f} ms)")
+    relaxed, durable = durability_cost(url, args.rounds)
+    print(f"{label}: one case's write, median {relaxed:.2f} ms relaxed (before), {durable:.2f} ms durable "
+          f"(+{durable - relaxed:.2f} ms)")
     answers, recorded, errors = load(url)
     print(f"{label}: load, 2 workers x 4 threads, 8 clients, 20 s: {answers} answers, {recorded} cases, "
           f"{errors} errors")

@@ -280,3 +280,13 @@ def test_a_record_made_by_an_older_version_is_migrated_at_start_up_with_its_case
     with app.extensions["cases"].engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     assert app.test_client().get("/api/v1/cases/old-case").get_json()["model_version"] == "v0"
+
+
+def test_a_case_is_committed_durably_on_sqlite(tmp_path):
+    from app.cases import make_engine
+
+    url = f"sqlite:///{tmp_path / 'cases.sqlite3'}"
+    with make_engine(url).connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: a commit waits for the disk
+    with make_engine(url, durable=False).connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL, as before

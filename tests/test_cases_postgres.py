@@ -89,3 +89,12 @@ def test_a_database_that_goes_down_fails_no_prediction_and_recording_resumes(ser
             time.sleep(0.5)
         health = json.loads(urllib.request.urlopen(base + "/healthz", timeout=10).read())
         assert health["record"] == "ok"
+
+
+def test_a_case_is_committed_durably_on_postgresql(database):
+    from app.cases import make_engine
+
+    with make_engine(database).connect() as connection:
+        assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    with make_engine(database, durable=False).connect() as connection:  # what bench.cases compares it with
+        assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
