@@ -80,6 +80,20 @@ def test_the_bootstrap_interval_is_as_wide_as_hanley_and_mcneil_say():
     assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)
 
 
+def test_above_the_bootstrap_s_limit_the_interval_is_hanley_and_mcneil_s_and_agrees(monkeypatch):
+    from model import validation
+
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.ones(3000), np.zeros(3000)]
+    scores = rng.normal(labels * 1.2, 1.0)
+    assert len(labels) > validation.BOOTSTRAP_MAX_FILMS
+    analytic = bootstrap_auc(labels, scores)
+    assert analytic == validation.hanley_mcneil(auc(labels, scores), 3000, 3000)
+    monkeypatch.setattr(validation, "BOOTSTRAP_MAX_FILMS", 10**9)
+    resampled = bootstrap_auc(labels, scores, draws=400)
+    assert analytic == pytest.approx(resampled, abs=0.002)
+
+
 def test_calibration_slope_is_one_when_calibrated_and_below_when_overconfident():
     rng = np.random.default_rng(2)
     p = rng.uniform(0.02, 0.98, 20000)
