@@ -119,9 +119,11 @@ class Predictor:
     (``Coalescer``): a batch costs less per film than films one at a time.
     """
 
-    def __init__(self, checkpoint: Checkpoint, limits: DecodeLimits = DecodeLimits()):
+    def __init__(self, checkpoint: Checkpoint, limits: DecodeLimits = DecodeLimits(), network=None):
+        """``network``: an ``onnx_network.OnnxNetwork`` of this checkpoint to run instead of PyTorch."""
         self.checkpoint = checkpoint
         self.limits = limits
+        self.network = network
         self.model = checkpoint.model.eval()
         self._coalescer = Coalescer(self._predict_prepared)
 
@@ -148,6 +150,8 @@ class Predictor:
 
     def predict_many(self, inputs: np.ndarray, batch_size: int = 512) -> BatchOutput:
         """Preprocessed (N, S, S) -> calibrated probabilities, aligned images, features, gate scores."""
+        if self.network is not None:
+            return self._finish(self.network.run(inputs, batch_size)[0], inputs)
         return self._finish(infer_batches(self.model, inputs, batch_size), inputs)
 
     def predict(self, image: bytes | np.ndarray, saliency: bool = False, age_years: float | None = None) -> Prediction:
@@ -165,6 +169,10 @@ class Predictor:
 
     def _predict_one(self, model_input: np.ndarray, facts: FilmFacts, age_years: float | None,
                      saliency: bool = False) -> Prediction:
+        if self.network is not None:
+            raw, activations = self.network.run(model_input[None])
+            heat = self.network.grad_cam(activations, model_input.shape[-1])[0] if saliency else None
+            return self._assemble(self._finish(raw, model_input[None]), 0, model_input, facts, age_years, heat)
         with torch.inference_mode():
             out = self.model.infer(torch.from_numpy(model_input[None, None]))
         heat = grad_cam(self.model, out, model_input.shape[-1])[0] if saliency else None
