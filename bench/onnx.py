@@ -33,17 +33,17 @@ from training.onnx_export import export_checked
 from training.site_shift import CHANGES, model_inputs
 
 MEMORY = {
-    "onnxruntime": "import numpy as np, onnxruntime as ort, resource; "
+    "onnxruntime": "import numpy as np, onnxruntime as ort; "
                    "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
                    "s.run(None, {'films': np.zeros((1, 1, 64, 64), np.float32)}); ",
-    "torch": "import numpy as np, torch, resource; from model import Predictor; "
+    "torch": "import numpy as np, torch; from model import Predictor; "
              "p = Predictor.from_path(sys.argv[2]); p.predict_many(np.zeros((1, 64, 64), np.float32)); ",
 }
 
 
 def resident_mb(kind: str, graph: Path) -> float:
-    code = ("import sys; " + MEMORY[kind] +
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    # the resident size now (ru_maxrss would count the forked bench's pages before exec)
+    code = "import sys, psutil; " + MEMORY[kind] + "print(psutil.Process().memory_info().rss / 2**20)"
     out = subprocess.run([sys.executable, "-c", code, str(graph), str(DEFAULT_CHECKPOINT)], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     return float(out.stdout.strip().splitlines()[-1])
@@ -105,7 +105,7 @@ def main() -> int:
         path = Path(tmp) / "model.onnx"
         path.write_bytes(graph)
         print(f"a fresh process that loads and runs the network: onnxruntime + numpy "
-              f"{resident_mb('onnxruntime', path):.0f} MB peak resident, torch {resident_mb('torch', path):.0f} MB; "
+              f"{resident_mb('onnxruntime', path):.0f} MB resident, torch {resident_mb('torch', path):.0f} MB; "
               f"graph {len(graph) / 1024:.0f} KB")
     return 0
 
