@@ -39,13 +39,13 @@ def test_gate_passes_the_test_split(predictor, real_data):
 def test_a_photo_gets_a_reason_and_no_label_in_the_api_and_no_decision_on_the_page(uploads):
     photo = encode(np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8), ".png")
     body = uploads.api(photo).get_json()
-    assert body["in_distribution"] is False and body["ood_score"] > 1 and body["label"] is None
+    assert body["in_distribution"] is False and body["research"]["ood_score"] > 1 and body["label"] is None
     assert [r["check"] for r in body["population_reasons"]] == ["image"]
     assert "not an X-ray" in body["population_reasons"][0]["message"]
     html = uploads.form(photo).get_data(as_text=True)
     assert 'id="ood-warning"' in html and "not an X-ray" in html
     assert 'id="decision"' not in html and "PNEUMONIA suspected" not in html and 'id="no-probability"' in html
-    assert f"{100 * body['probability']:.1f}%" not in html  # no number that reads as an answer
+    assert f"{100 * body['research']['probability']:.1f}%" not in html  # no number that reads as an answer
 
 
 def test_the_gate_distances_are_the_textbook_ones():
