@@ -159,22 +159,25 @@ class Node:
             log.warning("a film from %s could not be parsed", event.assoc.requestor.address)
             return CANNOT_UNDERSTAND
         try:
-            if self.record.case_of_instance(sop_uid) is not None:
+            known = self.record.case_of_instance(sop_uid)
+            if known is not None and known[1]:
                 return SUCCESS  # sent again: acknowledged, answered once
             buffer = io.BytesIO()
             dataset.save_as(buffer, enforce_file_format=True)
             with atomic_write(self.film_path(sop_uid)) as handle:
                 handle.write(buffer.getvalue())
-            return SUCCESS if self.answer_film(self.film_path(sop_uid)) else OUT_OF_RESOURCES
+            return self.answer_film(self.film_path(sop_uid))
         except Exception as exc:  # noqa: BLE001 - the disk or the record failed: the PACS keeps the film
             log.error("a film could not be kept (%s): the sender is told to try again", type(exc).__name__)
             return OUT_OF_RESOURCES
 
     # ---- answering ------------------------------------------------------------------
 
-    def answer_film(self, path: Path) -> bool:
+    def answer_film(self, path: Path) -> int:
         """Answer the film at ``path`` through the app's answering service, put its report in the
-        outbox, then delete the film. False when the record could not take it (the film stays)."""
+        outbox, then delete the film; the C-STORE status to give. ``OUT_OF_RESOURCES`` when the
+        record could not take it (the film stays, the sender tries again); ``CANNOT_UNDERSTAND``
+        for a film no decoder reads (deleted: sending it again cannot help)."""
         with self._lock:
             data = path.read_bytes()
             film = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -182,31 +185,31 @@ class Node:
             known = self.record.case_of_instance(sop_uid)
             if known is not None and known[1]:
                 path.unlink(missing_ok=True)  # answered before a crash took the node: nothing to do again
-                return True
+                return SUCCESS
             predictor = self.served.current()
-            if known is None:
-                study = StudyLink(str(film.StudyInstanceUID), str(film.SeriesInstanceUID), sop_uid)
-                try:
+            try:
+                if known is None:
+                    study = StudyLink(str(film.StudyInstanceUID), str(film.SeriesInstanceUID), sop_uid)
                     answered = answer(predictor, self.record, data, "dicom", study=study)
-                except ImageError as exc:
-                    log.warning("a film could not be read (%s): no answer", type(exc).__name__)
-                    path.unlink(missing_ok=True)
-                    return True  # acknowledged: sending it again cannot make it readable
-                if answered.case_id is None:
-                    return False
-                prediction, case_id = answered.prediction, answered.case_id
-            else:  # the case was recorded, the report not yet made: make it from the same film
-                prediction, case_id = predictor.predict(data), known[0]
+                    if answered.case_id is None:
+                        return OUT_OF_RESOURCES
+                    prediction, case_id = answered.prediction, answered.case_id
+                else:  # the case was recorded, its report not yet made: make it from the same film
+                    prediction, case_id = predictor.predict(data), known[0]
+            except ImageError as exc:
+                log.warning("a film could not be read (%s): refused", type(exc).__name__)
+                path.unlink(missing_ok=True)
+                return CANNOT_UNDERSTAND
             report = structured_report(film, prediction, predictor.version, device_uid=self.device_uid)
             self.outbox.put(case_id, report)
             path.unlink(missing_ok=True)
-            return True
+            return SUCCESS
 
     def recover(self) -> int:
         """Answer the films a stopped node had acknowledged but not answered; how many."""
         films = sorted(self.incoming.glob("*.dcm"))
         for path in films:
-            if not self.answer_film(path):
+            if self.answer_film(path) == OUT_OF_RESOURCES:
                 log.error("the record cannot be written: %d films wait in %s", len(films), self.incoming)
                 break
         return len(films)

@@ -236,3 +236,27 @@ def test_the_worklist_the_case_and_the_monitor_show_where_each_report_stands(mak
     assert client.get(f"/api/v1/cases/{case_id}").get_json()["reports"][0]["state"] == "failed"
     monitor = client.get("/monitor").get_data(as_text=True)
     assert 'id="delivery-table"' in monitor and "were refused by the PACS for good" in monitor
+
+
+def test_a_film_no_decoder_reads_is_refused_as_not_understood_and_not_kept(make_node, record, pneumonia_pixels):
+    node = make_node()
+    film = dx_film(pneumonia_pixels)
+    film.PixelData = film.PixelData[:1000]  # far shorter than its rows and columns say
+    assert send(node, film) == 0xC000
+    assert record.count() == 0 and not list(node.incoming.iterdir())
+
+
+def test_a_film_whose_report_could_not_be_queued_is_answered_when_sent_again(make_node, pacs, record,
+                                                                             pneumonia_pixels, monkeypatch):
+    node = make_node()
+    film = dx_film(pneumonia_pixels)
+    real = record.add_delivery
+
+    def full(*args):
+        raise OSError("database full")
+
+    monkeypatch.setattr(record, "add_delivery", full)
+    assert send(node, film) == 0xA700  # the case is written, its report is not: the PACS keeps the film
+    monkeypatch.setattr(record, "add_delivery", real)
+    assert send(node, film) == 0x0000
+    assert record.count() == 1 and len(pacs.wait_for(1)) == 1
