@@ -92,7 +92,10 @@ class Outbox:
             return 0
         due = self.record.due_deliveries()
         for delivery in due:
-            self.deliver(delivery)
+            try:
+                self.deliver(delivery)
+            except Exception as exc:  # noqa: BLE001 - one report's trouble must not hold the others back
+                self._again(delivery, f"{type(exc).__name__} while sending")
         return len(due)
 
     def deliver(self, delivery) -> str:
@@ -108,9 +111,15 @@ class Outbox:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.aet)
         try:
             if not assoc.is_established:
-                return self._again(delivery, "the PACS refused the association" if assoc.is_rejected
-                                   else "the PACS could not be reached")
-            status = assoc.send_c_store(pydicom.dcmread(path))
+                why = ("the PACS refused the association" if assoc.is_rejected else
+                       "the PACS ended the association: does it accept Comprehensive 3D SR?" if assoc.is_aborted
+                       else "the PACS could not be reached")
+                return self._again(delivery, why)
+            try:
+                status = assoc.send_c_store(pydicom.dcmread(path))
+            except ValueError:  # no accepted presentation context: this PACS takes no such report
+                self.record.delivery_done(delivery.id, "failed", "the PACS does not accept Comprehensive 3D SR")
+                return "failed"
             code = getattr(status, "Status", None)
         finally:
             if assoc.is_established:

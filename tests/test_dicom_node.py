@@ -260,3 +260,19 @@ def test_a_film_whose_report_could_not_be_queued_is_answered_when_sent_again(mak
     monkeypatch.setattr(record, "add_delivery", real)
     assert send(node, film) == 0x0000
     assert record.count() == 1 and len(pacs.wait_for(1)) == 1
+
+
+def test_a_pacs_that_takes_no_such_report_keeps_it_waiting_with_the_reason(make_node, record, pneumonia_pixels):
+    ae = AE(ae_title="FAKEPACS")
+    ae.add_supported_context(CTImageStorage)  # stores images, not structured reports: it accepts no context of ours
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        node = make_node(destination_port=server.server_address[1])
+        film = dx_film(pneumonia_pixels)
+        assert send(node, film) == 0x0000
+        case_id = record.case_of_instance(film.SOPInstanceUID)[0]
+        assert eventually(lambda: record.case(case_id).deliveries[0].attempts >= 2)
+        delivery = record.case(case_id).deliveries[0]
+        assert delivery.state == "pending" and "Comprehensive 3D SR" in delivery.last_error  # on the case, /monitor
+    finally:
+        server.shutdown()
