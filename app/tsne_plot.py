@@ -81,8 +81,7 @@ def build_layout(tsne_map: TsneMap, thumbnail_url: str | None) -> Tabs:
             points, wrong = sources[split]
             plot = figure(
                 title=f"{name} ({len(points.data['file'])} images)",
-                width=560, height=560, sizing_mode="scale_width", aspect_ratio=1,
-                tools="pan,wheel_zoom,box_zoom,reset,save",
+                width=560, height=560, sizing_mode="scale_width", tools="pan,wheel_zoom,box_zoom,reset,save",
                 active_scroll="wheel_zoom", **shared,
             )
             shared = {"x_range": plot.x_range, "y_range": plot.y_range}  # linked pan and zoom

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import CheckpointError, Predictor, load_checkpoint
+from model import CheckpointError, Predictor, calibrate, load_checkpoint
 from model.alignment import describe
 from model.saliency import grad_cam
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, data_dir
@@ -85,12 +85,14 @@ MIDDLE = (24, 40)
 def saliency_summary(predictor: Predictor, split: Split, batch: int = 256) -> dict:
     """Where the Grad-CAM map is warm on ``split``, by the model's answer: the result page's
     caption states this (what the map measured on this model), not what a map ought to show."""
-    maps, probabilities = [], predictor.predict_many(split.images).probabilities
-    for start in range(0, len(split.images), batch):
+    maps, logits = [], []
+    for start in range(0, len(split.images), batch):  # one forward pass gives both the answer and the map
         with torch.inference_mode():
             out = predictor.model.infer(torch.from_numpy(split.images[start:start + batch, None]))
         maps.append(grad_cam(predictor.model, out, split.images.shape[-1]))
+        logits.append(out.logits.float().numpy())
     cams = np.concatenate(maps)
+    probabilities = calibrate(np.concatenate(logits), predictor.checkpoint.calibration)
     side = cams.shape[-1]
     low, high = (round(edge * side / 64) for edge in MIDDLE)
     pushed = cams.reshape(len(cams), -1).max(axis=1) > 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Checkpoint, Ensemble, PneumoniaNet, infer_batches
+from model import Checkpoint, Ensemble, NetworkOutput, PneumoniaNet
 from model.atomic import atomic_write
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, model_store_dir
 from model.store import ModelStore
@@ -98,9 +98,9 @@ def differences(checkpoint: Checkpoint, graph: bytes, films: np.ndarray) -> dict
 
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     got = dict(zip(output_names(checkpoint), session.run(None, {"films": films[:, None]})))
-    expected = infer_batches(checkpoint.model, films)
-    with torch.inference_mode():
-        activations = [a.float().numpy() for a in checkpoint.model.infer(torch.from_numpy(films[:, None])).activations]
+    with torch.inference_mode():  # one pass: the outputs as infer_batches gives them, and the activations
+        out = checkpoint.model.infer(torch.from_numpy(films[:, None]))
+    expected, activations = NetworkOutput.of(out), [a.float().numpy() for a in out.activations]
     found = {"logits": got["logits"] - expected.logits, "aligned": got["aligned"][:, 0] - expected.aligned,
              "features": got["features"] - expected.features, "theta": got["theta"] - expected.theta,
              "taps": got["taps"] - expected.taps,
