@@ -1,8 +1,8 @@
 """gunicorn settings: ``gunicorn wsgi:app`` reads this file from the working directory.
 
-Each worker runs inference on the CPU; torch is capped to a few threads per worker so
-that workers do not fight over the same cores. Every value can be set from the
-environment.
+Each worker runs inference on the CPU, on ONNX Runtime with one thread (model/onnx_network.py),
+so that workers do not fight over the same cores; a version without its ONNX file runs on
+PyTorch, capped the same way. Every value can be set from the environment.
 """
 import os
 
@@ -35,9 +35,10 @@ TORCH_THREADS = int(os.environ.get("TORCH_THREADS", "1"))
 
 
 def post_fork(server, worker):
-    import torch
+    import sys
 
-    torch.set_num_threads(TORCH_THREADS)
+    if "torch" in sys.modules:  # only where the served version has no ONNX file: never imported for this
+        sys.modules["torch"].set_num_threads(TORCH_THREADS)
     import cv2
 
     cv2.setNumThreads(1)

@@ -212,7 +212,7 @@ def healthz():
     record_problem = current_app.extensions["cases"].health()
     status = "unavailable" if not loaded else "degraded" if problem or record_problem else "ok"
     body = {"status": status, "model_loaded": loaded, "model_version": predictor.version,
-            "record": "degraded" if record_problem else "ok"}
+            "model_runtime": predictor.runtime, "record": "degraded" if record_problem else "ok"}
     if problem:
         body["problem"] = problem
     if record_problem:

@@ -13,6 +13,10 @@ differs from this code's, never replaces a working model: the worker keeps what 
 has, logs one line, says so in ``/healthz`` (``problem``) and asks again every second
 until the pointer is repaired. A store whose pointer cannot be read at start-up serves
 the bundled model the same way, degraded, rather than not at all.
+
+A version runs on ONNX Runtime from its serving file (``model.serving_file``), so a
+worker never imports PyTorch; one without such a file runs on PyTorch where it is
+installed, and cannot serve where it is not.
 """
 from __future__ import annotations
 
@@ -25,19 +29,12 @@ from pathlib import Path
 
 from flask import Flask, current_app, g
 
-from model import (
-    CheckpointError,
-    DecodeLimits,
-    Predictor,
-    PreprocessParams,
-    TsneMapError,
-    load_checkpoint,
-    prior_shift,
-)
+from model import CheckpointError, DecodeLimits, Predictor, PreprocessParams, TsneMapError, prior_shift
 from model.checkpoint import PreprocessMismatch
 from model.neighbours import NeighbourIndex
-from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT
-from model.store import ModelStore, StoreError
+from model.serving_file import ServingFile, graph_beside
+from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, torch_installed
+from model.store import ModelStore, StoreError, read_weightless
 from model.tsne_map import load_shared
 
 log = logging.getLogger("app")
@@ -83,7 +80,7 @@ class ServedModel:
     def degraded(cls, store: ModelStore, limits: DecodeLimits, error: Exception) -> ServedModel:
         """Start-up with a pointer that cannot be read, or that names a version that cannot
         serve: the bundled model serves, said to be a stand-in, until the pointer is repaired."""
-        served = cls(Predictor.from_path(DEFAULT_CHECKPOINT, limits), store, limits, stamp=None)
+        served = cls(pinned_predictor(DEFAULT_CHECKPOINT, limits), store, limits, stamp=None)
         served._fail(error)
         return served
 
@@ -139,10 +136,26 @@ class ServedModel:
 
 
 def _load(store: ModelStore, version: str, limits: DecodeLimits) -> Predictor:
-    predictor = Predictor(store.load(version, expected_preprocess=PreprocessParams()), limits)
+    """``version`` on ONNX Runtime from its serving file; a version without one serves on PyTorch
+    where it is installed (the training image), and cannot serve where it is not."""
+    problem = store.graph_problem(version)
+    if problem is None:
+        predictor = store.load_serving(version, limits, expected_preprocess=PreprocessParams())
+    elif torch_installed():
+        log.warning("model %s runs on PyTorch: %s", version, problem)
+        predictor = Predictor(store.load(version, expected_preprocess=PreprocessParams()), limits)
+    else:
+        raise CheckpointError(f"version {version} cannot serve without PyTorch: {problem}")
     if not predictor.works:
         raise CheckpointError(f"model {version} gives no finite probability")
     return predictor
+
+
+def pinned_predictor(path: Path, limits: DecodeLimits) -> Predictor:
+    """A checkpoint file's predictor: on its serving file beside it (``.onnx``) where there is one."""
+    if graph_beside(path).is_file():
+        return ServingFile(graph_beside(path), PreprocessParams()).predictor(limits)
+    return Predictor.from_path(path, limits)
 
 
 def init_app(app: Flask) -> None:
@@ -150,7 +163,7 @@ def init_app(app: Flask) -> None:
     limits = DecodeLimits(max_pixels=app.config["MAX_IMAGE_PIXELS"])
     started = time.perf_counter()
     if app.config.get("CHECKPOINT_PATH"):
-        predictor = Predictor.from_path(app.config["CHECKPOINT_PATH"], limits)
+        predictor = pinned_predictor(app.config["CHECKPOINT_PATH"], limits)
         served, source = ServedModel(predictor, None, limits), app.config["CHECKPOINT_PATH"]
         if not predictor.works:
             log.error("model %s gives no finite probability: /healthz reports it unavailable", predictor.version)
@@ -180,7 +193,7 @@ def upgraded(store: ModelStore, mismatch: PreprocessMismatch) -> ModelStore:
     """A code update changed the preprocessing, so the serving version cannot serve here: the
     bundled version of this code (a candidate since ``ensure_seeded``) is served instead, and
     the store's history records why. Raises the mismatch when the bundled version is the one."""
-    bundled = load_checkpoint(DEFAULT_CHECKPOINT).version
+    bundled = read_weightless(DEFAULT_CHECKPOINT).version
     with store.lock("promote"):
         old = store.serving_version()
         if old == bundled:

@@ -2,7 +2,9 @@
 
 A checkpoint is a plain dict saved with ``torch.save`` and read back with
 ``weights_only=True`` (no pickled code runs on load). Saving is atomic: a crash
-mid-write leaves the previous file untouched.
+mid-write leaves the previous file untouched. PyTorch is imported only to read or
+write the file and to build the network: a serving process reads the same dict, less
+the weights, from the version's ONNX file (``serving_file``) and never imports it.
 """
 from __future__ import annotations
 
@@ -14,14 +16,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import torch
-
+from .architecture import NetworkConfig
 from .atomic import atomic_write
 from .gate import OODGate
-from .inference import for_inference
 from .intended_use import IntendedUse
-from .network import Ensemble, NetworkConfig, PneumoniaNet
-from .population import PopulationGate, PopulationHead, population_gate_from_dict
+from .population import PopulationHead
 from .preprocess import PreprocessParams
 
 FORMAT_VERSION = 1
@@ -51,7 +50,7 @@ class Checkpoint:
     gate: OODGate | None = None
     #: refuses adults' films and lateral views (``population.py``): a head on the network's
     #: activations, or in checkpoints made before it, small networks of its own
-    population_gate: PopulationHead | PopulationGate | None = None
+    population_gate: PopulationHead | None = None  # or, in old checkpoints, population_nets.PopulationGate
     intended_use: IntendedUse = field(default_factory=IntendedUse)
 
     @property
@@ -62,8 +61,13 @@ class Checkpoint:
         return pneumonia / images if images and pneumonia is not None else None
 
     @cached_property
-    def model(self) -> Ensemble:
-        """The network as it serves (``for_inference``), weights loaded; built once."""
+    def model(self):
+        """The network as PyTorch serves it (``inference.for_inference``), weights loaded; built once."""
+        from .inference import for_inference
+        from .network import Ensemble, PneumoniaNet
+
+        if not self.state_dicts:
+            raise CheckpointError(f"version {self.version} was read without its weights (an ONNX serving file)")
         members = []
         for state in self.state_dicts:
             net = PneumoniaNet(self.network)
@@ -106,8 +110,23 @@ class Checkpoint:
         return f"stn-cnn-{created:%Y%m%d}-{digest.hexdigest()[:8]}"
 
 
+def population_gate_from_dict(data: dict):
+    """Either kind, from a checkpoint: a ``PopulationHead``, or in checkpoints made before it (without a
+    ``kind``) networks of their own, which need PyTorch (``population_nets``)."""
+    kind = data.get("kind", "networks")
+    if kind == "head":
+        return PopulationHead.from_dict(data)
+    if kind == "networks":
+        from .population_nets import PopulationGate
+
+        return PopulationGate.from_dict(data)
+    raise ValueError(f"unknown population gate kind {kind!r}")
+
+
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     """Write atomically (``atomic_write``): a crash mid-write leaves the previous file."""
+    import torch
+
     path = Path(path)
     payload = checkpoint.to_dict()
     payload["state_dicts"] = [{k: v.detach().cpu().contiguous() for k, v in s.items()} for s in payload["state_dicts"]]
@@ -126,6 +145,8 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
     ``expected_preprocess``: the caller's preprocessing; a checkpoint trained on other
     inputs is refused rather than silently fed the wrong pictures.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -133,11 +154,18 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})") from None
+    return checkpoint_from_dict(raw, f"checkpoint {path}", expected_preprocess)
+
+
+def checkpoint_from_dict(raw, source: str, expected_preprocess: PreprocessParams | None = None,
+                         members: int | None = None) -> Checkpoint:
+    """``to_dict``'s dict back, checked. ``members``: read without weights (a serving file, whose
+    graph holds them), the network's member count, for the population head's width."""
     if not isinstance(raw, dict):
-        raise CheckpointError(f"checkpoint {path} is not a pneumonia model checkpoint")
+        raise CheckpointError(f"{source} is not a pneumonia model checkpoint")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint {path} has format version {raw.get('format_version')!r}; this code reads {FORMAT_VERSION}"
+            f"{source} has format version {raw.get('format_version')!r}; this code reads {FORMAT_VERSION}"
         )
     try:
         preprocess = PreprocessParams.from_dict(raw["preprocess"])
@@ -145,7 +173,7 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
         checkpoint = Checkpoint(
             network=network,
             preprocess=preprocess,
-            state_dicts=list(raw["state_dicts"]),
+            state_dicts=list(raw["state_dicts"]) if members is None else [],
             threshold=float(raw["threshold"]),
             version=str(raw["version"]),
             created_at=str(raw["created_at"]),
@@ -159,30 +187,31 @@ def load_checkpoint(path: str | os.PathLike, expected_preprocess: PreprocessPara
             intended_use=IntendedUse.from_dict(raw["intended_use"]) if raw.get("intended_use") else IntendedUse(),
         )
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is incompatible with this code: {exc}") from None
+        raise CheckpointError(f"{source} is incompatible with this code: {exc}") from None
     if expected_preprocess is not None and preprocess != expected_preprocess:
         raise PreprocessMismatch(
-            f"checkpoint {path} was trained with preprocessing {preprocess.to_dict()}, "
+            f"{source} was trained with preprocessing {preprocess.to_dict()}, "
             f"but this code uses {expected_preprocess.to_dict()}"
         )
     if preprocess.size != network.input_size:
-        raise CheckpointError(f"checkpoint {path}: preprocessing size and network input size differ")
+        raise CheckpointError(f"{source}: preprocessing size and network input size differ")
     if not 0.0 < checkpoint.threshold < 1.0:
-        raise CheckpointError(f"checkpoint {path}: threshold {checkpoint.threshold} is not a probability")
+        raise CheckpointError(f"{source}: threshold {checkpoint.threshold} is not a probability")
     if checkpoint.class_names != CLASS_NAMES:
-        raise CheckpointError(f"checkpoint {path}: classes {checkpoint.class_names} are not {CLASS_NAMES}")
+        raise CheckpointError(f"{source}: classes {checkpoint.class_names} are not {CLASS_NAMES}")
     if set(checkpoint.calibration) != {"temperature", "bias"} or checkpoint.calibration["temperature"] <= 0:
         raise CheckpointError(
-            f"checkpoint {path}: calibration {checkpoint.calibration} is not a valid temperature scaling")
-    if not checkpoint.state_dicts:
-        raise CheckpointError(f"checkpoint {path} holds no weights")
-    try:
-        checkpoint.model  # noqa: B018 - building it is the check
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture ({exc})") from None
-    head, width = checkpoint.population_gate, network.tap_width * len(checkpoint.state_dicts)
+            f"{source}: calibration {checkpoint.calibration} is not a valid temperature scaling")
+    if members is None:
+        if not checkpoint.state_dicts:
+            raise CheckpointError(f"{source} holds no weights")
+        members = len(checkpoint.state_dicts)
+        try:
+            checkpoint.model  # noqa: B018 - building it is the check
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{source}: weights do not fit the architecture ({exc})") from None
+    head, width = checkpoint.population_gate, network.tap_width * members
     if isinstance(head, PopulationHead) and head.width != width:
-        raise CheckpointError(f"checkpoint {path}: its population head reads {head.width} numbers a film, "
+        raise CheckpointError(f"{source}: its population head reads {head.width} numbers a film, "
                               f"the network gives {width}")
     return checkpoint
-

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -56,6 +55,8 @@ class OODGate:
         return combined / self.threshold
 
     def to_dict(self) -> dict:
+        import torch  # the checkpoint's format; only what writes one gets here
+
         return {
             "class_means": torch.from_numpy(np.asarray(self.class_means, dtype=np.float32)),
             "precision": torch.from_numpy(np.asarray(self.precision, dtype=np.float32)),
@@ -70,7 +71,7 @@ class OODGate:
     @classmethod
     def from_dict(cls, data: dict) -> OODGate:
         names = ("class_means", "precision", "pixel_mean", "pixel_components")
-        arrays = {k: data[k].numpy().astype(np.float64) for k in names}
+        arrays = {k: np.asarray(data[k], dtype=np.float64) for k in names}
         gate = cls(**arrays, feature_scale=float(data["feature_scale"]), pixel_scale=float(data["pixel_scale"]),
                    threshold=float(data["threshold"]), rule=str(data.get("rule", "")))
         if min(gate.feature_scale, gate.pixel_scale, gate.threshold) <= 0:

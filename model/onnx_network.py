@@ -14,6 +14,15 @@ import numpy as np
 from .predictor import NetworkOutput
 
 
+def head_weights(checkpoint) -> list[np.ndarray]:
+    """Each member's last linear layer (``head.<i>.weight``, the largest i) from a checkpoint with its weights."""
+    weights = []
+    for state in checkpoint.state_dicts:
+        keys = [k for k in state if k.startswith("head.") and k.endswith(".weight")]
+        weights.append(np.asarray(state[max(keys, key=lambda k: int(k.split(".")[1]))].float())[0])
+    return weights
+
+
 class OnnxNetwork:
     def __init__(self, graph: bytes, head_weights: list[np.ndarray], threads: int = 1):
         import onnxruntime
@@ -26,11 +35,7 @@ class OnnxNetwork:
 
     @classmethod
     def for_checkpoint(cls, checkpoint, graph: bytes, threads: int = 1) -> OnnxNetwork:
-        weights = []
-        for state in checkpoint.state_dicts:  # each member's last linear layer: head.<i>.weight, the largest i
-            keys = [k for k in state if k.startswith("head.") and k.endswith(".weight")]
-            weights.append(state[max(keys, key=lambda k: int(k.split(".")[1]))].float().numpy()[0])
-        return cls(graph, weights, threads)
+        return cls(graph, head_weights(checkpoint), threads)
 
     def run(self, inputs: np.ndarray, batch_size: int = 512) -> tuple[NetworkOutput, list[np.ndarray]]:
         """Preprocessed (N, S, S) -> the raw outputs and each member's last-block activations."""

@@ -14,7 +14,6 @@ from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from .checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
 from .coalesce import Coalescer
@@ -22,10 +21,8 @@ from .decode import DecodeLimits, RequestBudget, decode_film
 from .errors import ImageError, ImageTooLargeError, InvalidImageError, UnreadableFileError
 from .film_facts import NO_FACTS, FilmFacts
 from .intended_use import IMAGE_MESSAGES, Reason, format_years, metadata_reasons, polarity
-from .network import Inference
 from .pixels import stretch
 from .preprocess import PreprocessParams, preprocess
-from .saliency import grad_cam
 
 #: The out-of-population score of a film refused for looking inverted alone (above 1: outside).
 INVERTED_SCORE = 2.0
@@ -41,7 +38,8 @@ class NetworkOutput(NamedTuple):
     taps: np.ndarray  # (N, D), what the population head reads (``network.TAPS``)
 
     @classmethod
-    def of(cls, out: Inference) -> NetworkOutput:
+    def of(cls, out) -> NetworkOutput:
+        """From PyTorch's ``network.Inference``."""
         return cls(
             out.logits.detach().float().cpu().numpy().astype(np.float64),
             out.aligned[:, 0].detach().float().cpu().numpy(),
@@ -51,15 +49,18 @@ class NetworkOutput(NamedTuple):
         )
 
 
-@torch.inference_mode()
 def infer_batches(model, inputs: np.ndarray, batch_size: int = 512, device=None) -> NetworkOutput:
-    """Preprocessed (N, S, S) -> raw outputs, in eval mode, in chunks that bound memory."""
+    """Preprocessed (N, S, S) -> raw outputs of a PyTorch ``model``, in eval mode, in chunks that bound memory."""
+    import torch
+
     if model.training:  # (``eval()`` walks every submodule: half a millisecond a call)
         model.eval()
     parts = []
-    for start in range(0, len(inputs), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)).unsqueeze(1)
-        parts.append(NetworkOutput.of(model.infer(x if device is None else x.to(device))))
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            batch = np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)
+            x = torch.from_numpy(batch).unsqueeze(1)
+            parts.append(NetworkOutput.of(model.infer(x if device is None else x.to(device))))
     return NetworkOutput(*(np.concatenate(column) for column in zip(*parts)))
 
 
@@ -120,12 +121,22 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: Checkpoint, limits: DecodeLimits = DecodeLimits(), network=None):
-        """``network``: an ``onnx_network.OnnxNetwork`` of this checkpoint to run instead of PyTorch."""
+        """``network``: an ``onnx_network.OnnxNetwork`` of this checkpoint, run instead of PyTorch
+        (then PyTorch is never imported: a serving process runs this way)."""
         self.checkpoint = checkpoint
         self.limits = limits
         self.network = network
-        self.model = checkpoint.model.eval()
         self._coalescer = Coalescer(self._predict_prepared)
+
+    @cached_property
+    def model(self):
+        """The checkpoint's network in PyTorch, for the scripts that train and measure."""
+        return self.checkpoint.model.eval()
+
+    @property
+    def runtime(self) -> str:
+        """What runs the network: "onnxruntime" or "pytorch"."""
+        return "pytorch" if self.network is None else "onnxruntime"
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> Predictor:
@@ -173,6 +184,10 @@ class Predictor:
             raw, activations = self.network.run(model_input[None])
             heat = self.network.grad_cam(activations, model_input.shape[-1])[0] if saliency else None
             return self._assemble(self._finish(raw, model_input[None]), 0, model_input, facts, age_years, heat)
+        import torch
+
+        from .saliency import grad_cam
+
         with torch.inference_mode():
             out = self.model.infer(torch.from_numpy(model_input[None, None]))
         heat = grad_cam(self.model, out, model_input.shape[-1])[0] if saliency else None

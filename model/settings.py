@@ -56,3 +56,14 @@ def database_url() -> str:
     """The case record (``DATABASE_URL``): any SQLAlchemy URL; a SQLite file under ``instance/`` by default.
     Read by the app and by ``training.site report --cases``."""
     return os.environ.get("DATABASE_URL") or f"sqlite:///{REPO_ROOT / 'instance' / 'cases.sqlite3'}"
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here (asked without importing it): the training image has it, the
+    serving image does not."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # an import system that refuses it
+        return False

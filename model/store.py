@@ -1,7 +1,8 @@
 """The model store: immutable versioned checkpoints and one pointer naming the serving one.
 
     STORE/versions/<version>.pt          the checkpoint, never rewritten
-    STORE/versions/<version>.json        its summary (dates, figures, dry run, the file's sha256)
+    STORE/versions/<version>.onnx        what a server runs (``serving_file``): graph and checkpoint less weights
+    STORE/versions/<version>.json        its summary (dates, figures, dry run, the files' sha256)
     STORE/versions/<version>.tsne.npz    the t-SNE map made with that version, if any
     STORE/serving.json                   {"serving": version, "history": [...]}, written atomically
     STORE/serving.backup.json            the same, written after it: what ``repair`` restores from
@@ -9,7 +10,8 @@
 Training adds candidates; only a promotion, a rollback or a repair moves the pointer,
 under a lock, with one atomic rename: a crash at any point leaves the old model serving.
 An empty or absent store is seeded with the bundled checkpoint on first use. Servers
-watch ``serving.json`` and swap models when it changes (see ``app/serving.py``).
+watch ``serving.json`` and swap models when it changes (see ``app/serving.py``), and
+read a version's ONNX file, never its checkpoint, where they run without PyTorch.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from filelock import FileLock, Timeout
 
 from .atomic import atomic_write
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .decode import DecodeLimits
+from .serving_file import ServingFile, graph_beside
+from .settings import torch_installed
 
 POINTER = "serving.json"
 BACKUP = "serving.backup.json"
@@ -68,6 +73,15 @@ def summary_of(checkpoint: Checkpoint) -> dict:
     }
 
 
+def read_weightless(checkpoint_path: str | os.PathLike) -> Checkpoint:
+    """A checkpoint file's contents less its weights: from its serving file beside it (no PyTorch) when
+    there is one, else the checkpoint itself."""
+    graph = graph_beside(checkpoint_path)
+    if graph.is_file() or not torch_installed():
+        return ServingFile(graph).checkpoint
+    return load_checkpoint(checkpoint_path)
+
+
 @dataclass(frozen=True)
 class Pointer:
     serving: str
@@ -97,6 +111,9 @@ class ModelStore:
         if not version or "/" in version or version.startswith("."):
             raise StoreError(f"{version!r} is not a model version")
         return self.versions_dir / f"{version}.pt"
+
+    def graph_path(self, version: str) -> Path:
+        return self.checkpoint_path(version).with_suffix(".onnx")
 
     def tsne_path(self, version: str) -> Path:
         return self.versions_dir / f"{version}.tsne.npz"
@@ -152,6 +169,47 @@ class ModelStore:
             return "damaged: its checkpoint file is not the one stored (checksum differs)"
         return None
 
+    def graph_problem(self, version: str) -> str | None:
+        """Why ``version`` has no serving file to run without PyTorch (none made, the export's refusal, or
+        not the file its summary describes); None when it has one."""
+        summary = self._summary(version)
+        graph = summary.get("onnx") if isinstance(summary.get("onnx"), dict) else {}
+        if graph.get("refused"):
+            return f"its ONNX export was refused: {graph['refused']}"
+        path = self.graph_path(version)
+        if not path.is_file():
+            return f"it has no ONNX serving file (python -m training.onnx_export --version {version})"
+        if graph.get("sha256") and sha256_of(path) != graph["sha256"]:
+            return "damaged: its ONNX file is not the one stored (checksum differs)"
+        return None
+
+    def load_serving(self, version: str, limits: DecodeLimits = DecodeLimits(), **kwargs):
+        """A ``Predictor`` of ``version`` on its ONNX file, with no PyTorch; ``CheckpointError`` when it has none
+        that serves (``graph_problem``), when the file fails its check, or when the checkpoint it was made from
+        is missing or damaged (``problem``): the checkpoint stays the version's source of truth."""
+        problem = self.problem(version) or self.graph_problem(version)
+        if problem:
+            raise CheckpointError(f"version {version}: {problem}")
+        served = ServingFile(self.graph_path(version), **kwargs)
+        if served.checkpoint.version != version:
+            raise CheckpointError(f"{self.graph_path(version).name} holds version {served.checkpoint.version}")
+        return served.predictor(limits)
+
+    def loads(self, version: str) -> None:
+        """Raise ``CheckpointError`` unless ``version`` can serve here: its checkpoint where PyTorch is
+        installed, else its ONNX file."""
+        if torch_installed():
+            self.load(version)
+        else:
+            self.load_serving(version)
+
+    def _summary(self, version: str) -> dict:
+        try:
+            summary = json.loads((self.versions_dir / f"{version}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return summary if isinstance(summary, dict) else {}
+
     def load(self, version: str, **kwargs) -> Checkpoint:
         """The checkpoint of ``version``; ``CheckpointError`` if it is missing, damaged, broken or foreign."""
         problem = self.problem(version)
@@ -164,14 +222,31 @@ class ModelStore:
 
     # ---- writing -------------------------------------------------------------------
 
-    def add(self, checkpoint: Checkpoint, source: str = "training") -> Path:
-        """Store a new candidate; never changes what is served. Returns its path."""
+    def add(self, checkpoint: Checkpoint, source: str = "training", graph: bytes | None = None,
+            graph_refused: str | None = None) -> Path:
+        """Store a new candidate; never changes what is served. Returns its path. ``graph``: its
+        serving file (``training.onnx_export.add_to_store`` makes it), or why the export refused one."""
         path = self.checkpoint_path(checkpoint.version)
         if path.exists():
             raise StoreError(f"version {checkpoint.version} is already in the store: this run reproduced it exactly "
                              "(the same weights, calibration, gates and threshold)")
+        if graph is not None:  # first: a checkpoint in the store always has its graph beside it
+            with atomic_write(self.graph_path(checkpoint.version)) as handle:
+                handle.write(graph)
         save_checkpoint(checkpoint, path)
-        self._write_summary(checkpoint, source)
+        self._write_summary(checkpoint, source, graph_refused)
+        return path
+
+    def record_graph(self, version: str, graph: bytes | None = None, refused: str | None = None) -> Path:
+        """Add a stored version's serving file afterwards (or the export's reason for none) to it and its summary."""
+        path = self.graph_path(version)
+        if graph is not None:
+            with atomic_write(path) as handle:
+                handle.write(graph)
+        summary = self._summary(version)
+        summary["onnx"] = self._graph_summary(version, refused)
+        with atomic_write(self.versions_dir / f"{version}.json") as handle:
+            handle.write(json.dumps(summary, indent=1).encode())
         return path
 
     def ensure_seeded(self, bundled: str | os.PathLike, bundled_tsne: str | os.PathLike | None = None) -> bool:
@@ -182,11 +257,13 @@ class ModelStore:
         seeded. The bundled files are copied, never written. A store that has both needs
         no lock, so a read-only store serves.
         """
-        checkpoint = load_checkpoint(bundled)
+        checkpoint = read_weightless(bundled)
         if self.pointer_path.exists() and self.checkpoint_path(checkpoint.version).exists():
             return False
         with self.lock("promote"):
             if not self.checkpoint_path(checkpoint.version).exists():
+                if graph_beside(bundled).is_file():
+                    self._copy(graph_beside(bundled), self.graph_path(checkpoint.version))
                 self._copy(Path(bundled), self.checkpoint_path(checkpoint.version))
                 self._write_summary(checkpoint, "bundled")
                 if bundled_tsne is not None and Path(bundled_tsne).is_file():
@@ -198,9 +275,9 @@ class ModelStore:
 
     def set_serving(self, version: str, action: str, forced: bool = False, reason: str | None = None,
                     site: dict | None = None) -> Pointer:
-        """Move the pointer (caller holds ``lock("promote")``); the checkpoint must load. ``site``: for a
+        """Move the pointer (caller holds ``lock("promote")``); the version must load (``loads``). ``site``: for a
         site-adapted version, the site and what the guard measured on its held-out films (kept in the history)."""
-        self.load(version)
+        self.loads(version)
         return self._write_pointer(self.read_pointer(), version, action, forced, reason, site)
 
     def repair(self, version: str | None = None) -> tuple[Pointer, str] | None:
@@ -218,7 +295,7 @@ class ModelStore:
             pointer, wrong = None, str(exc)
         if pointer is not None:
             try:
-                self.load(pointer.serving)
+                self.loads(pointer.serving)
                 return None
             except CheckpointError as exc:
                 wrong = str(exc)
@@ -226,7 +303,7 @@ class ModelStore:
         choices = [version] if version else [e["version"] for e in reversed(history.history)] if history else []
         for choice in dict.fromkeys(choices):
             try:
-                self.load(choice)
+                self.loads(choice)
             except (CheckpointError, StoreError):
                 continue
             return self._write_pointer(history or Pointer(choice, ()), choice, "repair", reason=wrong), wrong
@@ -282,10 +359,16 @@ class ModelStore:
         with atomic_write(path) as handle:
             handle.write(json.dumps(summary, indent=1).encode())
 
-    def _write_summary(self, checkpoint: Checkpoint, source: str) -> None:
+    def _graph_summary(self, version: str, refused: str | None = None) -> dict:
+        path = self.graph_path(version)
+        if refused is not None or not path.is_file():
+            return {"refused": refused} if refused else {}
+        return {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+
+    def _write_summary(self, checkpoint: Checkpoint, source: str, graph_refused: str | None = None) -> None:
         path = self.checkpoint_path(checkpoint.version)
         summary = {**summary_of(checkpoint), "added_at": now(), "source": source, "sha256": sha256_of(path),
-                   "bytes": path.stat().st_size}
+                   "bytes": path.stat().st_size, "onnx": self._graph_summary(checkpoint.version, graph_refused)}
         with atomic_write(self.versions_dir / f"{checkpoint.version}.json") as handle:
             handle.write(json.dumps(summary, indent=1).encode())
 

@@ -96,7 +96,7 @@ def test_analysis_page_shows_the_bundled_map_of_the_bundled_model(client, app):
 def test_healthz(client, app):
     body = client.get("/healthz").get_json()
     assert body == {"status": "ok", "model_loaded": True, "model_version": app.extensions["model"].predictor.version,
-                    "record": "ok"}
+                    "model_runtime": "onnxruntime", "record": "ok"}
 
 
 def test_healthz_reports_a_model_that_gives_no_finite_answer(make_app):

@@ -11,7 +11,8 @@ from model import CheckpointError, load_checkpoint, save_checkpoint
 from model.card import ADULT_HELD_OUT
 from model.film_facts import FilmFacts, age_from_dates, parse_dicom_age
 from model.intended_use import IntendedUse, metadata_reasons
-from model.population import KINDS, PopulationGate, PopulationHead, PopulationNet
+from model.population import KINDS, PopulationHead
+from model.population_nets import PopulationGate, PopulationNet
 from model.settings import DEFAULT_CHECKPOINT
 from tests.client import Uploads, network_probability
 

@@ -21,7 +21,8 @@ from training import store as store_command
 XRAY = encode(synthetic_xray(400, 320), ".png")
 BUNDLED = load_checkpoint(DEFAULT_CHECKPOINT).version
 COPY = "stn-cnn-copy-of-bundled"
-HEALTHY = {"status": "ok", "model_loaded": True, "model_version": COPY, "record": "ok"}
+HEALTHY = {"status": "ok", "model_loaded": True, "model_version": COPY, "record": "ok",
+           "model_runtime": "pytorch"}  # a version added without its ONNX file runs on PyTorch
 
 
 def run_models(store, *argv) -> int:

@@ -8,7 +8,9 @@ logit, the aligned 64 x 64 film, the transform, the penultimate features, the po
 head's taps and the last block's activations (Grad-CAM). It is written next to the version
 in the store (``versions/<version>.onnx``) only when ONNX Runtime, run on a fixed set of
 films, reproduces the checkpoint's outputs (``TOLERANCES``); otherwise it is refused with
-the largest difference, and nothing is written.
+the largest difference, and nothing is written but the reason, in the version's summary.
+The checkpoint less its weights rides in the graph's metadata (``model.serving_file``), so
+a serving process needs that file alone. ``add_to_store`` is how training adds a version.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import torch
 
 from model import Checkpoint, Ensemble, NetworkOutput, PneumoniaNet
 from model.atomic import atomic_write
+from model.onnx_network import head_weights
+from model.serving_file import METADATA_KEY, check_films, graph_beside, metadata
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, model_store_dir
 from model.store import ModelStore
 
@@ -82,16 +86,6 @@ def export_bytes(checkpoint: Checkpoint) -> bytes:
     return buffer.getvalue()
 
 
-def check_films(side: int, count: int = 32, seed: int = 46) -> np.ndarray:
-    """A fixed set of inputs: smooth film-like fields and noise, in [0, 1] as preprocessing gives."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side] / side
-    smooth = [np.clip(0.5 + 0.4 * np.sin(rng.uniform(1, 6) * x + rng.uniform(0, 3)) * np.cos(rng.uniform(1, 6) * y),
-                      0, 1) for _ in range(count // 2)]
-    noise = list(rng.random((count - count // 2, side, side)))
-    return np.stack(smooth + noise).astype(np.float32)
-
-
 def differences(checkpoint: Checkpoint, graph: bytes, films: np.ndarray) -> dict[str, float]:
     """The largest absolute difference of each output between the graph (ONNX Runtime) and the checkpoint."""
     import onnxruntime
@@ -111,6 +105,9 @@ def differences(checkpoint: Checkpoint, graph: bytes, films: np.ndarray) -> dict
 
 def export_checked(checkpoint: Checkpoint, films: np.ndarray | None = None) -> tuple[bytes, dict[str, float]]:
     """The graph and its differences from the checkpoint; ``ExportError`` when one is over its tolerance."""
+    if checkpoint.population_gate is not None and checkpoint.population_gate.kind != "head":
+        raise ExportError("its population gate is networks of its own, which only PyTorch runs: refit the gate "
+                          "(python -m training.population)")
     graph = export_bytes(checkpoint)
     found = differences(checkpoint, graph, check_films(checkpoint.preprocess.size) if films is None else films)
     over = {name: value for name, value in found.items() if not value <= TOLERANCES[name]}
@@ -119,6 +116,47 @@ def export_checked(checkpoint: Checkpoint, films: np.ndarray | None = None) -> t
         raise ExportError(f"the graph does not reproduce the checkpoint: {worst} differs by {over[worst]:.2g} "
                           f"(at most {TOLERANCES[worst]:g})")
     return graph, found
+
+
+def serving_file(checkpoint: Checkpoint) -> tuple[bytes, dict[str, float]]:
+    """The version's serving file (``model.serving_file``): the checked graph, with the checkpoint less its
+    weights and the checkpoint's logits on ``check_films`` in its metadata."""
+    import onnx
+
+    graph, found = export_checked(checkpoint)
+    films = check_films(checkpoint.preprocess.size)
+    with torch.inference_mode():
+        logits = checkpoint.model.infer(torch.from_numpy(films[:, None])).logits.double().numpy()
+    proto = onnx.load_from_string(graph)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata(checkpoint, head_weights(checkpoint), logits)
+    return proto.SerializeToString(), found
+
+
+def add_to_store(store: ModelStore, checkpoint: Checkpoint, source: str = "training") -> Path:
+    """``ModelStore.add`` with the version's serving file; one the export refuses is recorded with its reason
+    (``training.store list`` shows it), and the version then serves only where PyTorch is installed."""
+    try:
+        graph, _ = serving_file(checkpoint)
+    except ExportError as exc:
+        log.warning("version %s gets no ONNX serving file: %s", checkpoint.version, exc)
+        return store.add(checkpoint, source, graph_refused=str(exc))
+    return store.add(checkpoint, source, graph=graph)
+
+
+def save_beside(checkpoint: Checkpoint, path: Path) -> Path | None:
+    """A checkpoint file's serving file, written beside it (``model.serving_file.graph_beside``); where the
+    export refuses, a stale one there is removed, so that no server runs another version's graph."""
+    beside = graph_beside(path)
+    try:
+        graph, _ = serving_file(checkpoint)
+    except ExportError as exc:
+        log.warning("%s gets no ONNX serving file: %s", path.name, exc)
+        beside.unlink(missing_ok=True)
+        return None
+    with atomic_write(beside) as handle:
+        handle.write(graph)
+    return beside
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,13 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     version = args.version or store.serving_version()
     checkpoint = store.load(version)
     try:
-        graph, found = export_checked(checkpoint)
+        graph, found = serving_file(checkpoint)
     except ExportError as exc:
+        store.record_graph(version, refused=str(exc))
         print(f"{version}: no ONNX graph: {exc}", file=sys.stderr)
         return 1
-    path = store.checkpoint_path(version).with_suffix(".onnx")
-    with atomic_write(path) as handle:
-        handle.write(graph)
+    path = store.record_graph(version, graph=graph)
     print(f"{version}: {path} ({len(graph) / 1024:.0f} KB); largest differences from the checkpoint: "
           + ", ".join(f"{name} {value:.1e}" for name, value in found.items()))
     return 0

@@ -43,6 +43,7 @@ from .augment import augment
 from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, checkpoint_splits, load_adult_films
 from .evaluate import evaluate, transformer_figures
 from .metrics import format_table
+from .onnx_export import add_to_store, save_beside
 
 log = logging.getLogger("training")
 
@@ -169,9 +170,10 @@ def main(args) -> int:
     print(format_gate_table(checkpoint.metrics["population_gate"]))
     if args.out:
         save_checkpoint(checkpoint, args.out)
+        save_beside(checkpoint, args.out)
         print(f"wrote {args.out} ({checkpoint.version})")
     else:
-        store.add(checkpoint, source=f"population gate refit of {old.version}")
+        add_to_store(store, checkpoint, source=f"population gate refit of {old.version}")
         print(f"version {checkpoint.version}\nNothing served has changed. To serve it: "
               f"python -m training.store promote {checkpoint.version}")
     return 0

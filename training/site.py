@@ -84,6 +84,7 @@ from .data import DatasetError, checkpoint_splits, grouped_split, load_adult_fil
 from .evaluate import evaluate, transformer_figures
 from .gate import fit_gate
 from .metrics import threshold_for_sensitivity
+from .onnx_export import add_to_store
 from .population import fit_population_head, gate_sets, population_figures
 from .recipe import Recipe
 
@@ -650,7 +651,7 @@ def cmd_adapt(args, store: ModelStore) -> int:
     candidate = adapt(parent, args.site, films, held_out, rest, train, val, test, adult,
                       threshold_only=args.threshold_only, tune=args.tune, steps=args.steps, seed=args.seed,
                       replay_limit=args.replay_limit, patients=patients)
-    store.add(candidate, source=f"site {args.site}, adapted from {parent.version}")
+    add_to_store(store, candidate, source=f"site {args.site}, adapted from {parent.version}")
     site = candidate.metrics["site"]["held_out"]
     print(f"site {args.site}: {len(films)} films, {site['films']} held out; on them, at threshold "
           f"{candidate.threshold:.4f}: sensitivity {_share(site['sensitivity'])}, false-positive rate "

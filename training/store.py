@@ -29,6 +29,7 @@ from model.validation import wilson
 
 from .data import DatasetError, load_split
 from .evaluate import evaluate
+from .onnx_export import add_to_store
 from .site import SITE_MIN_SENSITIVITY, held_out_films, leaked, scored
 
 log = logging.getLogger("training")
@@ -133,7 +134,8 @@ def cmd_list(store: ModelStore, as_json: bool) -> int:
         pointer, broken = None, str(exc)
     promoted = {entry["version"]: entry["at"] for entry in pointer.history} if pointer else {}  # latest time each
     rows = [{**row, "serving": pointer is not None and row["version"] == pointer.serving,
-             "promoted_at": promoted.get(row["version"]), "damage": store.problem(row["version"])}
+             "promoted_at": promoted.get(row["version"]), "damage": store.problem(row["version"]),
+             "onnx_problem": store.graph_problem(row["version"])}
             for row in store.versions()]
     if as_json:
         print(json.dumps(rows, indent=1))
@@ -148,6 +150,8 @@ def cmd_list(store: ModelStore, as_json: bool) -> int:
                           for k in ("auc", "sensitivity", "false_positive_rate"))
         gate = f"{test['ood_flagged']:>7.1%}" if "ood_flagged" in test else f"{'-':>7}"
         note = row["damage"] or row.get("problem") or row.get("source", "")
+        if row["onnx_problem"] and not row["damage"]:
+            note += f"; serves only on PyTorch: {row['onnx_problem']}"
         print(f"{'*' if row['serving'] else ' ':2}{row['version']:<28}{str(row.get('trained_at', '-'))[:19]:<22}"
               f"{str(row['promoted_at'] or '-')[:19]:<22}{figures}{gate}  {basis}; {note}")
     print("* serving")
@@ -241,7 +245,7 @@ def cmd_repair(store: ModelStore, version: str | None) -> int:
 
 def cmd_add(store: ModelStore, path: Path) -> int:
     checkpoint = load_checkpoint(path)
-    store.add(checkpoint, source=f"added from {path.name}")
+    add_to_store(store, checkpoint, source=f"added from {path.name}")
     print(f"version {checkpoint.version}\nNothing served has changed. To serve it: "
           f"python -m training.store promote {checkpoint.version}")
     return 0

@@ -54,6 +54,7 @@ from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, load_adult
 from .evaluate import evaluate, transformer_figures
 from .gate import fit_gate
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
+from .onnx_export import add_to_store, save_beside
 from .population import fit_population_head, format_gate_table, gate_sets, population_figures
 from .recipe import Recipe
 
@@ -353,6 +354,7 @@ def _run(args, recipe: Recipe, device, store: ModelStore | None) -> int:
         checkpoint.metrics["population_gate"] = population_figures(predictor, gate_sets(val, test, adult))
     if store is None:
         save_checkpoint(checkpoint, args.out)
+        save_beside(checkpoint, args.out)
         metrics_path = args.out.with_suffix(".metrics.json")
         with atomic_write(metrics_path) as handle:
             record = {"version": checkpoint.version, "threshold": threshold, **results}
@@ -360,7 +362,7 @@ def _run(args, recipe: Recipe, device, store: ModelStore | None) -> int:
         written = f"{args.out} and {metrics_path}"
     else:
         written = f"candidate {checkpoint.version}{' (dry run)' if recipe.dry_run else ''} into the store {store.root}"
-        store.add(checkpoint)
+        add_to_store(store, checkpoint)
     print(format_table(results))
     print(f"threshold {threshold:.4f} ({recipe.target_sensitivity} target sensitivity on validation); "
           f"calibration T={calibration['temperature']:.3f} b={calibration['bias']:.3f}; "
