@@ -19,7 +19,7 @@ from model.validation import auc, bootstrap_auc, calibration, local_validation, 
 from training import site as site_command
 from training import store as store_command
 from training.site import SITE_MIN_SENSITIVITY
-from training.store import site_guard
+from training.store import sensitivity_on_slice, site_guard
 
 BUNDLED = load_checkpoint(DEFAULT_CHECKPOINT)
 
@@ -129,14 +129,19 @@ def test_local_validation_measures_the_answered_films_and_counts_the_refused():
 
 # ---- the guard's rules for a site candidate ----------------------------------------------
 
-SERVING = {"films": 100, "sensitivity": 1.0, "false_positive_rate": 0.5, "auc": 0.97, "refused": 0.2}
-GOOD = {"films": 100, "sensitivity": 0.98, "false_positive_rate": 0.2, "auc": 0.975, "refused": 0.02}
+SERVING = {"films": 100, "pneumonia": 50, "sensitivity": 1.0, "false_positive_rate": 0.5, "auc": 0.97, "refused": 0.2}
+GOOD = {"films": 100, "pneumonia": 50, "sensitivity": 0.98, "false_positive_rate": 0.2, "auc": 0.975, "refused": 0.02}
 
 
 @pytest.mark.parametrize("change, leaks, words", [
     ({}, 0, None),
     ({"false_positive_rate": 0.55}, 0, "false-positive rate on the site's held-out films 0.550 is above"),
-    ({"sensitivity": SITE_MIN_SENSITIVITY - 0.01}, 0, "sensitivity on the site's held-out films"),
+    # the floor judged as the slice allows: 48 of 50 (95%: 0.865-0.989) cannot show it is below 0.97,
+    # 44 of 50 (0.762-0.944) does, and 190 of 200 is enough films to hold the point to it
+    ({"sensitivity": 48 / 50}, 0, None),
+    ({"sensitivity": 44 / 50}, 0, "sensitivity on the site's held-out films 0.880 (44 of 50; 95%: 0.762-0.944) < 0.97"),
+    ({"films": 400, "pneumonia": 200, "sensitivity": 0.95}, 0, "(190 of 200; 95%: 0.910-0.973) < 0.97"),
+    ({"sensitivity": 0.0}, 0, "sensitivity on the site's held-out films 0.000"),  # flipped labels
     ({"auc": 0.96}, 0, "AUC on the site's held-out films"),
     ({"refused": 0.12}, 0, "its gates refuse 12.0%"),  # 95%: 7.0-19.8%, wholly above 5%
     ({"refused": 0.08}, 0, None),  # 95%: 4.1-15.0%: no evidence of more than 5%
@@ -146,6 +151,12 @@ GOOD = {"films": 100, "sensitivity": 0.98, "false_positive_rate": 0.2, "auc": 0.
 def test_the_site_guard_s_rules(change, leaks, words):
     reasons = site_guard({**GOOD, **change}, SERVING, leaks)
     assert (reasons == []) if words is None else any(words in r for r in reasons)
+
+
+def test_a_point_below_the_floor_on_a_small_slice_is_a_caution_and_says_so():
+    judged = sensitivity_on_slice({**GOOD, "sensitivity": 48 / 50})
+    assert judged["caution"] and not judged["refuse"] and "too small to show it" in judged["text"]
+    assert not sensitivity_on_slice(GOOD)["caution"]
 
 
 # ---- the commands on real films ----------------------------------------------------------

@@ -275,7 +275,8 @@ def scored(predictor: Predictor, films: SiteFilms) -> dict:
     model's threshold, AUC, and the share its gates refuse. Two models compare on the same films so."""
     probabilities, refusals = answers(predictor, films)
     positive, labels = probabilities >= predictor.threshold, films.labels
-    return {"films": len(films), "sensitivity": float(positive[labels == 1].mean()) if (labels == 1).any() else None,
+    return {"films": len(films), "pneumonia": int((labels == 1).sum()),
+            "sensitivity": float(positive[labels == 1].mean()) if (labels == 1).any() else None,
             "false_positive_rate": float(positive[labels == 0].mean()) if (labels == 0).any() else None,
             "auc": auc(labels, probabilities), "refused": float(np.mean([bool(r) for r in refusals]))}
 
