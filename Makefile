@@ -1,6 +1,7 @@
 # The two commands of the README: `make serve` and `make test`. Both set up everything
-# they need on a fresh machine (a virtual environment in .venv from requirements-dev.txt;
-# for serving, Debian's nginx-light, which holds slow clients in front of gunicorn).
+# they need on a fresh machine, in a virtual environment in .venv: `make serve` installs
+# requirements-serve.txt alone (no PyTorch) and Debian's nginx-light, which holds slow
+# clients in front of gunicorn; `make test` (and training) everything, requirements-dev.txt.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,12 +11,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve test train tsne bench clean nginx
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+$(BIN)/.installed: requirements-serve.txt requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@ $(BIN)/.serve-installed
+
+$(BIN)/.serve-installed: requirements-serve.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-serve.txt
 	touch $@
 
-serve: $(BIN)/.installed nginx
+serve: $(BIN)/.serve-installed nginx
 	PORT=$(PORT) $(BIN)/python -m deploy.serve
 
 nginx:

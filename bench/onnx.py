@@ -1,23 +1,23 @@
-"""ONNX Runtime against PyTorch for the bundled model (issue 46, its first part).
+"""ONNX Runtime against PyTorch for the bundled model (issue 46).
 
     python -m bench.onnx
 
-The graph is made and checked by ``training.onnx_export``. Prints:
+The bundled version's serving file (``model/weights/pneumonia_stn.onnx``, what a worker
+reads; made and checked by ``training.onnx_export``) against its checkpoint. Prints:
 - same answers: on the 624 test films through the whole path (decode, framing,
   preprocessing, network, calibration, gates, Grad-CAM) and on the test films under every
   change of the site-shift suite (inputs straight to ``predict_many``): decisions and
   refusals that differ, the largest probability difference (goal: none, <= 1e-4);
 - speed, interleaved in one process, one thread: the network on one film, and a whole
   prediction of a JPEG, each against a plain ``cv2.imdecode`` of the same file;
-- memory: the resident size of a fresh process that loads and runs the graph with
-  onnxruntime and numpy alone, against one that loads the checkpoint with torch.
+- memory: the resident size of a fresh process that loads the serving file and predicts
+  (no torch imported), against one that loads the checkpoint with torch.
 """
 from __future__ import annotations
 
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,16 +26,15 @@ import numpy as np
 import torch
 
 from model import Predictor, load_checkpoint
-from model.onnx_network import OnnxNetwork
+from model.serving_file import ServingFile, graph_beside
 from model.settings import DEFAULT_CHECKPOINT, data_dir
 from training.data import scan_split
-from training.onnx_export import export_checked
 from training.site_shift import CHANGES, model_inputs
 
 MEMORY = {
-    "onnxruntime": "import numpy as np, onnxruntime as ort; "
-                   "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
-                   "s.run(None, {'films': np.zeros((1, 1, 64, 64), np.float32)}); ",
+    "onnxruntime": "import numpy as np; from model.serving_file import ServingFile; "
+                   "p = ServingFile(sys.argv[1]).predictor(); p.predict_many(np.zeros((1, 64, 64), np.float32)); "
+                   "assert 'torch' not in sys.modules; ",
     "torch": "import numpy as np, torch; from model import Predictor; "
              "p = Predictor.from_path(sys.argv[2]); p.predict_many(np.zeros((1, 64, 64), np.float32)); ",
 }
@@ -52,9 +51,9 @@ def resident_mb(kind: str, graph: Path) -> float:
 def main() -> int:
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(DEFAULT_CHECKPOINT)
-    graph, found = export_checked(checkpoint)
-    print("export: largest differences on the check films: " + ", ".join(f"{k} {v:.1e}" for k, v in found.items()))
-    eager, onnx = Predictor(checkpoint), Predictor(checkpoint, network=OnnxNetwork.for_checkpoint(checkpoint, graph))
+    graph = graph_beside(DEFAULT_CHECKPOINT)
+    eager, onnx = Predictor(checkpoint), ServingFile(graph).predictor()
+    assert onnx.version == eager.version
 
     files = [data_dir() / f for f, _ in scan_split(data_dir(), "test")]
     differ, worst, worst_map = 0, 0.0, 0.0
@@ -101,12 +100,9 @@ def main() -> int:
           f"{median['torch predict'] / median['decode']:.2f}x the decode, "
           f"onnx {median['onnx predict'] / median['decode']:.2f}x")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(graph)
-        print(f"a fresh process that loads and runs the network: onnxruntime + numpy "
-              f"{resident_mb('onnxruntime', path):.0f} MB resident, torch {resident_mb('torch', path):.0f} MB; "
-              f"graph {len(graph) / 1024:.0f} KB")
+    print(f"a fresh process that loads the version and predicts: from its serving file (no torch) "
+          f"{resident_mb('onnxruntime', graph):.0f} MB resident, from its checkpoint with torch "
+          f"{resident_mb('torch', graph):.0f} MB; serving file {graph.stat().st_size / 1024:.0f} KB")
     return 0
 
 

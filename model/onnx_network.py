@@ -8,10 +8,24 @@ default, as a gunicorn worker runs torch.
 """
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
 from .predictor import NetworkOutput
+
+
+def onnxruntime():
+    """The onnxruntime module, its telemetry off. Its wheels for Linux carry Microsoft's 1DS
+    telemetry, which writes a session file to TMPDIR when the library loads and would send
+    events: no patient-facing process of ours sends anything anywhere, so it is disabled
+    (``ORT_DISABLE_TELEMETRY``, read when the library loads) before the first import."""
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    import onnxruntime as module
+
+    module.disable_telemetry_events()
+    return module
 
 
 def head_weights(checkpoint) -> list[np.ndarray]:
@@ -25,12 +39,11 @@ def head_weights(checkpoint) -> list[np.ndarray]:
 
 class OnnxNetwork:
     def __init__(self, graph: bytes, head_weights: list[np.ndarray], threads: int = 1):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
+        runtime = onnxruntime()
+        options = runtime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = runtime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self.head_weights = [np.asarray(w, np.float32) for w in head_weights]
 
     @classmethod

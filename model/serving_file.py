@@ -22,7 +22,8 @@ from .decode import DecodeLimits
 from .preprocess import PreprocessParams
 
 METADATA_KEY = "pneumonia.checkpoint"
-#: The most a logit on ``check_films`` may differ from the one the checkpoint gave at export.
+#: The most a logit on ``check_films`` may differ from the one the checkpoint gave at export
+#: (over the logits' scale where it exceeds 1: ``relative_difference``).
 CHECK_TOLERANCE = 1e-4
 
 
@@ -34,6 +35,18 @@ def check_films(side: int, count: int = 32, seed: int = 46) -> np.ndarray:
                       0, 1) for _ in range(count // 2)]
     noise = list(rng.random((count - count // 2, side, side)))
     return np.stack(smooth + noise).astype(np.float32)
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """The largest absolute difference, over the expected values' scale where it exceeds 1; inf when the
+    shapes differ or a value is not finite."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    if got.shape != expected.shape:
+        return float("inf")
+    if not expected.size:
+        return 0.0
+    difference = float(np.abs(got - expected).max()) / max(1.0, float(np.abs(expected).max()))
+    return difference if np.isfinite(difference) else float("inf")
 
 
 def _encode(value):
@@ -105,8 +118,7 @@ class ServingFile:
         if not len(expected):
             raise CheckpointError(f"{source} holds no check of its graph against its checkpoint")
         films = check_films(self.checkpoint.preprocess.size, len(expected))
-        got = self.network.run(films)[0].logits
-        difference = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        difference = relative_difference(self.network.run(films)[0].logits, expected)
         if not difference <= CHECK_TOLERANCE:
             raise CheckpointError(f"{source}: its graph does not give its checkpoint's answers "
                                   f"(a logit differs by {difference:.2g})")

@@ -159,3 +159,15 @@ def test_the_dicom_node_never_loads_torch(tmp_path, pneumonia_pixels):
     finally:
         node.terminate()
         node.wait(timeout=30)
+
+
+def test_loading_a_version_writes_nothing_and_sends_nothing(tmp_path):
+    """onnxruntime's Linux wheels carry telemetry that writes a session file to TMPDIR on load;
+    ours is off before the library loads."""
+    script = ("import numpy as np; from model.serving_file import ServingFile; from model.settings import "
+              "DEFAULT_CHECKPOINT; from model.serving_file import graph_beside; "
+              "ServingFile(graph_beside(DEFAULT_CHECKPOINT)).predictor().predict_many(np.zeros((1, 64, 64), 'f4'))")
+    environment = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**environment, "TMPDIR": str(tmp_path)},
+                   check=True, timeout=120)
+    assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ a serving process needs that file alone. ``add_to_store`` is how training adds a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
@@ -26,15 +27,16 @@ import torch
 
 from model import Checkpoint, Ensemble, NetworkOutput, PneumoniaNet
 from model.atomic import atomic_write
-from model.onnx_network import head_weights
-from model.serving_file import METADATA_KEY, check_films, graph_beside, metadata
+from model.onnx_network import head_weights, onnxruntime
+from model.serving_file import METADATA_KEY, check_films, graph_beside, metadata, relative_difference
 from model.settings import DEFAULT_CHECKPOINT, DEFAULT_TSNE_ARTIFACT, model_store_dir
 from model.store import ModelStore
 
 log = logging.getLogger("training")
 
 OUTPUTS = ("logits", "aligned", "features", "theta", "taps")
-#: The most an output may differ from the checkpoint's (float32 arithmetic in another order).
+#: The most an output may differ from the checkpoint's (float32 arithmetic in another order), over the
+#: output's scale where it exceeds 1 (``model.serving_file.relative_difference``).
 TOLERANCES = {"logits": 1e-4, "aligned": 1e-4, "features": 1e-4, "theta": 1e-5, "taps": 1e-4, "activations": 1e-4}
 OPSET = 20  # affine_grid (the spatial transformer) needs 20
 
@@ -55,6 +57,20 @@ class _Outputs(torch.nn.Module):
         return (out.logits, out.aligned, out.features, out.theta, out.taps, *out.activations)
 
 
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """The exporter's optimiser logs every pass at INFO: warnings and errors only, while it runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def plain_model(checkpoint: Checkpoint) -> Ensemble:
     """The network as trained (not ``for_inference``'s fused copy, whose oneDNN calls no exporter knows)."""
     members = []
@@ -73,7 +89,7 @@ def export_bytes(checkpoint: Checkpoint) -> bytes:
     side = checkpoint.preprocess.size
     example = torch.rand(2, 1, side, side)
     batch = torch.export.Dim("films", min=1, max=4096)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet("onnxscript", "torch.onnx", "torch.export"):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(_Outputs(plain_model(checkpoint)), (example,), input_names=["films"],
@@ -87,20 +103,20 @@ def export_bytes(checkpoint: Checkpoint) -> bytes:
 
 
 def differences(checkpoint: Checkpoint, graph: bytes, films: np.ndarray) -> dict[str, float]:
-    """The largest absolute difference of each output between the graph (ONNX Runtime) and the checkpoint."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    """The largest absolute difference of each output between the graph (ONNX Runtime) and the checkpoint,
+    over that output's scale where it exceeds 1 (float32 arithmetic in another order errs in proportion)."""
+    session = onnxruntime().InferenceSession(graph, providers=["CPUExecutionProvider"])
     got = dict(zip(output_names(checkpoint), session.run(None, {"films": films[:, None]})))
     with torch.inference_mode():  # one pass: the outputs as infer_batches gives them, and the activations
         out = checkpoint.model.infer(torch.from_numpy(films[:, None]))
     expected, activations = NetworkOutput.of(out), [a.float().numpy() for a in out.activations]
-    found = {"logits": got["logits"] - expected.logits, "aligned": got["aligned"][:, 0] - expected.aligned,
-             "features": got["features"] - expected.features, "theta": got["theta"] - expected.theta,
-             "taps": got["taps"] - expected.taps,
-             "activations": max((np.abs(got[f"activations{i}"] - a).max() for i, a in enumerate(activations)),
-                                default=0.0)}
-    return {name: float(np.abs(value).max()) for name, value in found.items()}
+    pairs = {"logits": (got["logits"], expected.logits), "aligned": (got["aligned"][:, 0], expected.aligned),
+             "features": (got["features"], expected.features), "theta": (got["theta"], expected.theta),
+             "taps": (got["taps"], expected.taps)}
+    found = {name: relative_difference(a, b) for name, (a, b) in pairs.items()}
+    found["activations"] = max((relative_difference(got[f"activations{i}"], a) for i, a in enumerate(activations)),
+                               default=0.0)
+    return found
 
 
 def export_checked(checkpoint: Checkpoint, films: np.ndarray | None = None) -> tuple[bytes, dict[str, float]]:
