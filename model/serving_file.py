@@ -55,12 +55,12 @@ def _encode(value):
         return {str(k): _encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_encode(v) for v in value]
+    if isinstance(value, np.generic):  # a numpy number stays a number
+        return value.item()
     if hasattr(value, "__array__") and not isinstance(value, (int, float, str, bool)):
         array = np.ascontiguousarray(np.asarray(value.detach().cpu() if hasattr(value, "detach") else value))
         return {"__array__": {"dtype": array.dtype.str, "shape": list(array.shape),
                               "data": base64.b64encode(array.tobytes()).decode("ascii")}}
-    if isinstance(value, np.generic):
-        return value.item()
     return value
 
 

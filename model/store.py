@@ -244,9 +244,10 @@ class ModelStore:
             with atomic_write(path) as handle:
                 handle.write(graph)
         summary = self._summary(version)
-        summary["onnx"] = self._graph_summary(version, refused)
-        with atomic_write(self.versions_dir / f"{version}.json") as handle:
-            handle.write(json.dumps(summary, indent=1).encode())
+        if summary:  # one that cannot be read stays so: ``list`` says it is missing
+            summary["onnx"] = self._graph_summary(version, refused)
+            with atomic_write(self.versions_dir / f"{version}.json") as handle:
+                handle.write(json.dumps(summary, indent=1).encode())
         return path
 
     def ensure_seeded(self, bundled: str | os.PathLike, bundled_tsne: str | os.PathLike | None = None) -> bool:

@@ -171,3 +171,12 @@ def test_loading_a_version_writes_nothing_and_sends_nothing(tmp_path):
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**environment, "TMPDIR": str(tmp_path)},
                    check=True, timeout=120)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_numbers_and_arrays_keep_their_kind_through_the_serving_file():
+    from model.serving_file import _decode, _encode
+
+    decoded = _decode(json.loads(json.dumps(_encode(
+        {"auc": np.float64(0.98), "count": np.int64(3), "grid": np.arange(6, dtype=np.float32).reshape(2, 3)}))))
+    assert decoded["auc"] == 0.98 and isinstance(decoded["auc"], float) and isinstance(decoded["count"], int)
+    assert decoded["grid"].dtype == np.float32 and decoded["grid"].tolist() == [[0, 1, 2], [3, 4, 5]]

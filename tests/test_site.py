@@ -18,7 +18,6 @@ from model.store import ModelStore
 from model.validation import auc, bootstrap_auc, calibration, local_validation, trust, wilson
 from training import site as site_command
 from training import store as store_command
-from training.site import SITE_MIN_SENSITIVITY
 from training.store import sensitivity_on_slice, site_guard
 
 BUNDLED = load_checkpoint(DEFAULT_CHECKPOINT)
