@@ -33,10 +33,11 @@ def answer(predictor: Predictor, record: CaseRecord, data: bytes, source: str, *
 def answer_files(predictor: Predictor, record: CaseRecord, files: list[tuple[str, bytes]], source: str, *,
                  age_years: float | None, user: str | None, budget) -> list[Answered | ImageError]:
     """Several films through the network in one batch (``Predictor.predict_files``, within
-    ``budget``), each answered film recorded; an ``ImageError`` in the place of each file that
-    could not be read or paid for."""
+    ``budget``), the answered films recorded in one transaction; an ``ImageError`` in the place of
+    each file that could not be read or paid for."""
     results = predictor.predict_files([data for _, data in files], age_years, budget)
-    return [result if isinstance(result, ImageError) else
-            Answered(result, record.record(data, Answer.of(result), predictor.version, source, age_years, user),
-                     predictor.version)
-            for (_, data), result in zip(files, results)]
+    answered = [(data, result) for (_, data), result in zip(files, results) if not isinstance(result, ImageError)]
+    case_ids = iter(record.record_many([(data, Answer.of(result), None) for data, result in answered],
+                                       predictor.version, source, age_years, user))
+    return [result if isinstance(result, ImageError) else Answered(result, next(case_ids), predictor.version)
+            for result in results]

@@ -258,27 +258,44 @@ class CaseRecord:
     def record(self, data: bytes, answer: Answer, model_version: str, source: str, age_years: float | None,
                user: str | None, study: StudyLink | None = None) -> str | None:
         """Append one case; its ``case_id``, or None when the database could not take it."""
-        case_id = secrets.token_urlsafe(16)
-        row = {
-            "case_id": case_id, "created_at": dt.datetime.now(dt.UTC), "model_version": model_version,
-            "source": source, "file_kind": file_kind(data), "input_sha256": hashlib.sha256(data).hexdigest(),
-            "probability": answer.probability, "threshold": answer.threshold, "decision": answer.decision,
-            "refusal": answer.refusal, "gate_score": answer.gate_score, "age_years": age_years, "user": user,
+        return self.record_many([(data, answer, study)], model_version, source, age_years, user)[0]
+
+    def record_many(self, films: list[tuple[bytes, Answer, StudyLink | None]], model_version: str, source: str,
+                    age_years: float | None, user: str | None) -> list[str | None]:
+        """Append one case a film, all in one transaction (a batch pays for one durable commit, not
+        one a film); their ``case_id``s, or None for each when the database could not take them."""
+        if not films:
+            return []
+        rows = [self._row(data, answer, model_version, source, age_years, user, study)
+                for data, answer, study in films]
+        try:
+            if not self._usable():
+                return [None] * len(rows)
+            # one statement and one commit; a single row needs no BEGIN around it
+            options = {"isolation_level": "AUTOCOMMIT"} if len(rows) == 1 else {}
+            with self.engine.connect().execution_options(**options) as connection:
+                connection.execute(Case.__table__.insert(), rows if len(rows) > 1 else rows[0])
+                if len(rows) > 1:
+                    connection.commit()
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the answers stand
+            self._failed(exc)
+            return [None] * len(rows)
+        self._succeeded()
+        return [row["case_id"] for row in rows]
+
+    @staticmethod
+    def _row(data: bytes, answer: Answer, model_version: str, source: str, age_years: float | None,
+             user: str | None, study: StudyLink | None) -> dict:
+        return {
+            "case_id": secrets.token_urlsafe(16), "created_at": dt.datetime.now(dt.UTC),
+            "model_version": model_version, "source": source, "file_kind": file_kind(data),
+            "input_sha256": hashlib.sha256(data).hexdigest(), "probability": answer.probability,
+            "threshold": answer.threshold, "decision": answer.decision, "refusal": answer.refusal,
+            "gate_score": answer.gate_score, "age_years": age_years, "user": user,
             "features": None if answer.features is None else np.asarray(answer.features, np.float16).tobytes(),
             "overread": None, "study_uid": study and study.study_uid, "series_uid": study and study.series_uid,
             "sop_uid": study and study.sop_uid,
         }
-        try:
-            if not self._usable():
-                return None
-            # one statement, one round trip: no BEGIN or COMMIT around it
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                connection.execute(Case.__table__.insert(), row)
-        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the answer stands
-            self._failed(exc)
-            return None
-        self._succeeded()
-        return case_id
 
     def add_overread(self, case_id: str, read: str, note: str | None, user: str | None) -> Case | None:
         """Keep a clinician's read of a case (a new row each time); None for an unknown case."""

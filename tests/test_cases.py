@@ -291,3 +291,25 @@ def test_a_case_is_committed_durably_on_sqlite(tmp_path):
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: a commit waits for the disk
     with make_engine(url, durable=False).connect() as connection:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL, as before
+
+
+def test_a_batch_is_written_in_one_statement_and_one_commit(uploads, record_app, pediatric_film):
+    """A batch pays for one durable commit, not one a film (issue 46: the batch's share of the cost)."""
+    from sqlalchemy import event
+
+    engine = record_app.extensions["cases"].engine
+    inserts = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO CASES"):
+            inserts.append(executemany)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        batch = uploads.batch_api([(pediatric_film, "a.jpeg"), (pediatric_film, "b.jpeg"),
+                                   (b"not an image", "c.txt")]).get_json()["results"]
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(inserts) == 1 and inserts[0]  # one statement for both answered films
+    assert [("case_id" in row) for row in batch] == [True, True, False]
+    assert {row.case_id for row in cases(record_app)} == {batch[0]["case_id"], batch[1]["case_id"]}
