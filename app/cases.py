@@ -43,6 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
+from model.coalesce import Coalescer
 from model.dicom import is_dicom
 
 log = logging.getLogger("app")
@@ -185,6 +186,9 @@ class CaseRecord:
         self._migrated = False
         self._retry_after = 0.0
         self._lock = threading.Lock()
+        #: Single answers written from several threads at once share one transaction (group commit):
+        #: each durable commit costs a disk flush, which the threads then pay once between them.
+        self._single_writes = Coalescer(self._insert_together, max_batch=32)
 
     # ---- the database ---------------------------------------------------------------
 
@@ -257,8 +261,18 @@ class CaseRecord:
 
     def record(self, data: bytes, answer: Answer, model_version: str, source: str, age_years: float | None,
                user: str | None, study: StudyLink | None = None) -> str | None:
-        """Append one case; its ``case_id``, or None when the database could not take it."""
-        return self.record_many([(data, answer, study)], model_version, source, age_years, user)[0]
+        """Append one case; its ``case_id``, or None when the database could not take it. Cases
+        recorded on other threads meanwhile go to the database in the same transaction."""
+        row = self._row(data, answer, model_version, source, age_years, user, study)
+        try:
+            if not self._usable():
+                return None
+            self._single_writes.submit(row)
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the answer stands
+            self._failed(exc)
+            return None
+        self._succeeded()
+        return row["case_id"]
 
     def record_many(self, films: list[tuple[bytes, Answer, StudyLink | None]], model_version: str, source: str,
                     age_years: float | None, user: str | None) -> list[str | None]:
@@ -271,17 +285,37 @@ class CaseRecord:
         try:
             if not self._usable():
                 return [None] * len(rows)
-            # one statement and one commit; a single row needs no BEGIN around it
-            options = {"isolation_level": "AUTOCOMMIT"} if len(rows) == 1 else {}
-            with self.engine.connect().execution_options(**options) as connection:
-                connection.execute(Case.__table__.insert(), rows if len(rows) > 1 else rows[0])
-                if len(rows) > 1:
-                    connection.commit()
+            self._insert(rows)
         except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the answers stand
             self._failed(exc)
             return [None] * len(rows)
         self._succeeded()
         return [row["case_id"] for row in rows]
+
+    def _insert_together(self, rows: list[dict]) -> list[Exception | None]:
+        """``_insert``; where the group fails, each row again alone, so that one row's trouble (an
+        instance the node recorded meanwhile, say) is its own caller's and not its neighbours'."""
+        try:
+            return self._insert(rows)
+        except Exception:
+            if len(rows) == 1:
+                raise
+        results: list[Exception | None] = []
+        for row in rows:
+            try:
+                results += self._insert([row])
+            except Exception as exc:  # noqa: BLE001 - raised in that row's caller alone
+                results.append(exc)
+        return results
+
+    def _insert(self, rows: list[dict]) -> list[None]:
+        """One statement and one commit for every row; a single row needs no BEGIN around it."""
+        options = {"isolation_level": "AUTOCOMMIT"} if len(rows) == 1 else {}
+        with self.engine.connect().execution_options(**options) as connection:
+            connection.execute(Case.__table__.insert(), rows if len(rows) > 1 else rows[0])
+            if len(rows) > 1:
+                connection.commit()
+        return [None] * len(rows)
 
     @staticmethod
     def _row(data: bytes, answer: Answer, model_version: str, source: str, age_years: float | None,

@@ -4,6 +4,7 @@ import csv
 import datetime as dt
 import io
 import re
+import time
 import uuid
 
 import numpy as np
@@ -313,3 +314,42 @@ def test_a_batch_is_written_in_one_statement_and_one_commit(uploads, record_app,
     assert len(inserts) == 1 and inserts[0]  # one statement for both answered films
     assert [("case_id" in row) for row in batch] == [True, True, False]
     assert {row.case_id for row in cases(record_app)} == {batch[0]["case_id"], batch[1]["case_id"]}
+
+
+def test_answers_recorded_together_share_a_commit_and_a_bad_row_fails_alone(tmp_path):
+    import threading
+
+    from sqlalchemy import event
+
+    from app.cases import Answer
+
+    record = CaseRecord(f"sqlite:///{tmp_path / 'cases.sqlite3'}")
+    record.migrate()
+    answer = Answer(0.7, 0.5, "PNEUMONIA", None, 0.2, None)
+    statements, ids, started = [], [], threading.Barrier(8)
+    event.listen(record.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: statements.append(statement)
+                 if statement.lstrip().upper().startswith("INSERT INTO CASES") else None)
+    slow = record._insert
+
+    def insert(rows):  # a slow disk: the threads that arrive meanwhile queue behind the first
+        time.sleep(0.05)
+        return slow(rows)
+
+    record._insert = insert
+
+    def write():
+        started.wait()
+        ids.append(record.record(b"\xff\xd8data", answer, "v", "api", None, None))
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert None not in ids and record.count() == 8 and len(statements) < 8
+    duplicate = record._row(b"\xff\xd8", answer, "v", "api", None, None, None)
+    record._insert([dict(duplicate)])
+    results = record._insert_together([dict(duplicate), record._row(b"\xff\xd8", answer, "v", "api", None, None,
+                                                                    None)])
+    assert isinstance(results[0], Exception) and results[1] is None and record.count() == 10
