@@ -30,14 +30,16 @@ from training import store as store_command
 
 pytestmark = pytest.mark.slow
 
-#: Run first in a child process: every import of torch fails there, as in the serving image.
+#: Run first in a child process: every import of what requirements.txt adds to
+#: requirements-serve.txt fails there, as in the serving image.
 NO_TORCH = """
 import sys
-class NoTorch:
+class TrainingOnly:
+    names = ("torch", "sklearn", "tqdm", "onnx", "onnxscript")
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch' (this process stands for the serving image)")
-sys.meta_path.insert(0, NoTorch())
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r} (this process stands for the serving image)")
+sys.meta_path.insert(0, TrainingOnly())
 """
 
 
@@ -101,7 +103,7 @@ def test_training_adds_the_serving_file_and_list_says_where_the_export_refused(t
     assert "serves only on PyTorch" not in next(line for line in listed.splitlines() if added.version in line)
 
 
-def test_the_app_serves_where_torch_cannot_be_imported(tmp_path, real_data):
+def test_the_app_serves_where_only_the_serving_requirements_are_installed(tmp_path, real_data):
     film = sorted((real_data / "test" / "PNEUMONIA").iterdir())[0]
     script = NO_TORCH + f"""
 import json
@@ -113,7 +115,8 @@ client = app.test_client()
 health = client.get("/healthz").get_json()
 answer = client.post("/api/v1/predict", data=open({str(film)!r}, "rb").read(), content_type="image/jpeg").get_json()
 page = Uploads(client).form(open({str(film)!r}, "rb").read(), "film.jpeg")
-print(json.dumps({{"health": health, "answer": answer, "page": page.status_code,
+pages = [client.get(path).status_code for path in ("/analysis", "/monitor", "/model", "/cases")]
+print(json.dumps({{"health": health, "answer": answer, "page": page.status_code, "pages": pages,
                   "torch": "torch" in sys.modules}}))
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -121,6 +124,7 @@ print(json.dumps({{"health": health, "answer": answer, "page": page.status_code,
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["health"]["status"] == "ok" and out["health"]["model_runtime"] == "onnxruntime"
     assert out["answer"]["label"] == "PNEUMONIA" and out["page"] == 200 and out["torch"] is False
+    assert out["pages"] == [200, 200, 200, 200]
 
 
 def test_gunicorn_workers_never_load_torch(tmp_path):
