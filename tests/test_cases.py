@@ -224,24 +224,17 @@ def test_prune_deletes_old_cases_and_says_so_in_the_log(uploads, record_app, ped
 
 
 def test_the_record_writes_from_many_threads_without_losing_a_case(tmp_path):
-    import threading
 
     from app.cases import Answer
 
-    record = CaseRecord(f"sqlite:///{tmp_path / 'cases.sqlite3'}")
-    record.migrate()
-    answer = Answer(0.7, 0.5, "PNEUMONIA", None, 0.2, None)
+    record, answer = fresh_record(tmp_path), Answer(0.7, 0.5, "PNEUMONIA", None, 0.2, None)
     ids = []
 
     def write():
         for _ in range(50):
             ids.append(record.record(b"\xff\xd8data", answer, "v", "api", None, None))
 
-    threads = [threading.Thread(target=write) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(write, 8)
     assert None not in ids and len(set(ids)) == 400 and record.count() == 400
 
 
@@ -323,9 +316,7 @@ def test_answers_recorded_together_share_a_commit_and_a_bad_row_fails_alone(tmp_
 
     from app.cases import Answer
 
-    record = CaseRecord(f"sqlite:///{tmp_path / 'cases.sqlite3'}")
-    record.migrate()
-    answer = Answer(0.7, 0.5, "PNEUMONIA", None, 0.2, None)
+    record, answer = fresh_record(tmp_path), Answer(0.7, 0.5, "PNEUMONIA", None, 0.2, None)
     statements, ids, started = [], [], threading.Barrier(8)
     event.listen(record.engine, "before_cursor_execute",
                  lambda conn, cursor, statement, *rest: statements.append(statement)
@@ -342,14 +333,27 @@ def test_answers_recorded_together_share_a_commit_and_a_bad_row_fails_alone(tmp_
         started.wait()
         ids.append(record.record(b"\xff\xd8data", answer, "v", "api", None, None))
 
-    threads = [threading.Thread(target=write) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(write, 8)
     assert None not in ids and record.count() == 8 and len(statements) < 8
     duplicate = record._row(b"\xff\xd8", answer, "v", "api", None, None, None)
     record._insert([dict(duplicate)])
     results = record._insert_together([dict(duplicate), record._row(b"\xff\xd8", answer, "v", "api", None, None,
                                                                     None)])
     assert isinstance(results[0], Exception) and results[1] is None and record.count() == 10
+
+
+def fresh_record(folder) -> CaseRecord:
+    record = CaseRecord(f"sqlite:///{folder / 'cases.sqlite3'}")
+    record.migrate()
+    return record
+
+
+def in_threads(target, count: int) -> None:
+    """Run ``target`` on ``count`` threads at once and wait for them all."""
+    import threading
+
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
