@@ -28,16 +28,23 @@ def pacs_and_node(tmp_path, record, served, monkeypatch):
         pytest.skip(message)
     monkeypatch.setattr(outbox_module, "FIRST_WAIT_S", 0.2)
     monkeypatch.setattr(outbox_module, "MAX_WAIT_S", 0.5)
-    node_port = orthanc_harness.free_port()
-    (tmp_path / "orthanc").mkdir()
-    pacs = orthanc_harness.Orthanc(tmp_path / "orthanc", ("PNEUMONIA", node_port))
-    pacs.start()
-    settings = NodeSettings(aet="PNEUMONIA", port=node_port, host="127.0.0.1",
-                            peers=(Peer(orthanc_harness.AET, "127.0.0.1"),),
-                            destination=Destination(orthanc_harness.AET, "127.0.0.1", pacs.dicom_port),
-                            spool=tmp_path / "spool")
-    node = Node(settings, served, record)
-    node.start()
+    for attempt in range(3):  # a free port another program takes before we bind it: try other ports
+        node_port = orthanc_harness.free_port()
+        (tmp_path / f"orthanc{attempt}").mkdir()
+        pacs = orthanc_harness.Orthanc(tmp_path / f"orthanc{attempt}", ("PNEUMONIA", node_port))
+        settings = NodeSettings(aet="PNEUMONIA", port=node_port, host="127.0.0.1",
+                                peers=(Peer(orthanc_harness.AET, "127.0.0.1"),),
+                                destination=Destination(orthanc_harness.AET, "127.0.0.1", pacs.dicom_port),
+                                spool=tmp_path / "spool")
+        node = Node(settings, served, record)
+        try:
+            pacs.start()
+            node.start()
+            break
+        except (OSError, RuntimeError):
+            pacs.stop()
+            if attempt == 2:
+                raise
     yield pacs, node
     node.stop()
     pacs.stop()
