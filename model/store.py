@@ -258,6 +258,8 @@ class ModelStore:
         seeded. The bundled files are copied, never written. A store that has both needs
         no lock, so a read-only store serves.
         """
+        if self.pointer_path.exists() and self._holds(Path(bundled)):
+            return False  # the common start: known by its checksum, without reading the model
         checkpoint = read_weightless(bundled)
         if self.pointer_path.exists() and self.checkpoint_path(checkpoint.version).exists():
             return False
@@ -273,6 +275,12 @@ class ModelStore:
                 return False
             self._write_pointer(Pointer(checkpoint.version, ()), checkpoint.version, "seed")
             return True
+
+    def _holds(self, path: Path) -> bool:
+        """Whether a stored version's checkpoint is this very file (its summary's sha256)."""
+        digest = sha256_of(path)
+        return any(row.get("sha256") == digest and self.checkpoint_path(row["version"]).is_file()
+                   for row in self.versions() if "version" in row)
 
     def set_serving(self, version: str, action: str, forced: bool = False, reason: str | None = None,
                     site: dict | None = None) -> Pointer:
