@@ -13,6 +13,8 @@ from dataclasses import dataclass
 ADULT_HELD_OUT = "adult frontal, held-out patients"
 LATERAL_HELD_OUT = "lateral, held-out patients"
 TEST_SPLIT = "test split"
+#: The test split's normal films: the children nearest the adults' films in the head's eyes.
+TEST_NORMAL = "normal test films"
 VALIDATION_SPLIT = "validation split"
 
 
@@ -33,7 +35,7 @@ class Goal:
 
 #: What share of each set the whole gate must refuse.
 GATE_GOALS = {ADULT_HELD_OUT: Goal(True, 0.90), LATERAL_HELD_OUT: Goal(True, 0.95), TEST_SPLIT: Goal(False, 0.05),
-              VALIDATION_SPLIT: Goal(False, 0.02)}
+              TEST_NORMAL: Goal(False, 0.03), VALIDATION_SPLIT: Goal(False, 0.02)}
 
 
 def test_figures(metrics: dict) -> dict:

@@ -240,6 +240,24 @@ def test_the_head_is_the_fitted_logistic_regression_and_survives_a_checkpoint(tm
     assert (named[kinds == 1] == "adult").mean() > 0.9 and (named[kinds == 2] == "lateral").mean() > 0.9
 
 
+def test_the_head_weighs_each_kind_alike_and_normal_children_as_much_as_pneumonia():
+    """Counted as they come, three pneumonia films in four set the children's side of the boundary,
+    while the children it refused as adults were all normal."""
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from training.population import fit_weights
+
+    kinds = np.r_[np.zeros(12, int), np.ones(5, int), np.full(3, 2)]
+    pneumonia = np.r_[np.ones(9, int), np.zeros(3, int)]
+    weights = fit_weights(kinds, pneumonia)
+    assert [weights[kinds == k].sum() for k in range(3)] == pytest.approx([20 / 3] * 3)
+    children = weights[:12]
+    assert children[pneumonia == 0].sum() == pytest.approx(children[pneumonia == 1].sum())
+    assert children[pneumonia == 0][0] == pytest.approx(3 * children[pneumonia == 1][0])
+    # without the children's labels: scikit-learn's "balanced" class weights, as before
+    np.testing.assert_allclose(fit_weights(kinds, None), compute_sample_weight("balanced", kinds))
+
+
 def _with_population_gate(gate, tmp_path):
     checkpoint = dataclasses.replace(load_checkpoint(DEFAULT_CHECKPOINT), population_gate=gate)
     return save_checkpoint(checkpoint, tmp_path / "ck.pt")

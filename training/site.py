@@ -470,7 +470,8 @@ def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosin
     times = min(MAX_REPEATS, math.ceil(SITE_SHARE_OF_CHILDREN * len(train_images) / max(len(tuning), 1)
                                        / (1 - SITE_SHARE_OF_CHILDREN)))
     children = np.r_[train_images, repeated(tuning.inputs, times)]
-    gate = fit_gate(infer_batches(model, children).features, np.r_[train_labels, np.tile(tuning.labels, times)],
+    children_labels = np.r_[train_labels, np.tile(tuning.labels, times)]
+    gate = fit_gate(infer_batches(model, children).features, children_labels,
                     children, infer_batches(model, val_images).features, val_images)
     gate.threshold *= site_factor(gate.scores(site_out.features, site_inputs))
     gate.rule += ("; raised where the site's films need it, to their mean plus three standard deviations or "
@@ -479,7 +480,8 @@ def site_gates(model, parent: Checkpoint, train, val, tuning: SiteFilms, choosin
     if adult is not None:
         fit = np.flatnonzero(~adult.held_out())
         adult_images, adult_kinds = adult.films.subset(fit).with_processed
-        population_gate = fit_population_head(model, children, val_images, adult_images, adult_kinds)
+        population_gate = fit_population_head(model, children, val_images, adult_images, adult_kinds,
+                                              children_labels)
         population_gate.threshold = min(0.9999, population_gate.threshold
                                         * site_factor(population_gate.assess(site_inputs, site_out.taps)[0]))
         population_gate.rule += "; raised the same way where the site's films need it"

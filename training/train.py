@@ -55,7 +55,7 @@ from .evaluate import evaluate, transformer_figures
 from .gate import fit_gate
 from .metrics import format_table, roc_auc, threshold_for_sensitivity
 from .onnx_export import add_to_store, save_beside
-from .population import fit_population_head, format_gate_table, gate_sets, population_figures
+from .population import fit_on_splits, format_gate_table, gate_sets, population_figures
 from .recipe import Recipe
 
 log = logging.getLogger("training")
@@ -247,9 +247,7 @@ def attach_population_gate(args, recipe: Recipe, checkpoint: Checkpoint, train: 
         log.warning("%s: this model gets no population gate, and the promotion guard will refuse it", exc)
         return None
     fit = ~adult.held_out()
-    adult_images, adult_kinds = adult.films.subset(np.flatnonzero(fit)).with_processed
-    checkpoint.population_gate = fit_population_head(
-        checkpoint.model, train.with_processed[0], val.with_processed[0], adult_images, adult_kinds)
+    checkpoint.population_gate = fit_on_splits(checkpoint.model, train, val, adult)
     checkpoint.training_data["population_gate"] = {
         "kind": "head", "adult_films": str(Path(args.adult_data).resolve().name),
         "fitted_on_patients": int(len(np.unique(adult.patients[fit]))), "held_out_fraction": HELD_OUT_FRACTION}
