@@ -144,7 +144,7 @@ REFUSED = Answer(0.99, 0.5, None, "image", 2.0, None)
 
 
 def test_thirty_cases_that_contradict_the_card_raise_alerts_and_never_say_no_alert(make_app, tmp_path):
-    """The ward's round: 13 of 30 refused (43%, 95% 27-61%) against the card's 2.6%, and the clinicians
+    """The ward's round: 13 of 30 refused (43%, 95% 27-61%) against the card's 1.4%, and the clinicians
     reading pneumonia on three answered films of which the model caught two (67%, 21-94%)."""
     cases = [(REFUSED, None)] * 13 + [(CAUGHT, "pneumonia")] * 2 + [(MISSED, "pneumonia")] + [(MISSED, None)] * 14
     found, page = monitor_page(make_app, tmp_path, cases, "round")
