@@ -10,7 +10,7 @@ the cost of the whole gate per film (in-process, one thread).
 ``--sources``: the head fitted again with each source of the adult collection left out
 (Radiopaedia, Eurorad, SIRM, the rest: papers and case reports), as training fits it,
 and judged on that source's adult films and on the normal test films: how the gate may do
-on adults from a source it never saw (about 6 minutes).
+on adults from a source it never saw.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ UNSEEN_SOURCE = Goal(at_least=True, share=0.95)
 
 
 def adult_sources(root: Path, files: list[str]) -> np.ndarray:
+    """Each film's source, named from its manifest row's address."""
     with open(root / "manifest.csv", newline="") as handle:
         address = {row["file"]: row["source_url"] for row in csv.DictReader(handle)}
     return np.array([next((name for name in SOURCES if name in address[f]), "papers") for f in files])

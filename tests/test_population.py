@@ -256,6 +256,8 @@ def test_the_head_weighs_each_kind_alike_and_normal_children_as_much_as_pneumoni
     assert children[pneumonia == 0][0] == pytest.approx(3 * children[pneumonia == 1][0])
     # without the children's labels: scikit-learn's "balanced" class weights, as before
     np.testing.assert_allclose(fit_weights(kinds, None), compute_sample_weight("balanced", kinds))
+    with pytest.raises(ValueError, match="11 children's labels for 12"):
+        fit_weights(kinds, pneumonia[:11])
 
 
 def _with_population_gate(gate, tmp_path):

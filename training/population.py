@@ -73,12 +73,13 @@ def fit_weights(kinds: np.ndarray, children_labels: np.ndarray | None) -> np.nda
     """Per-film weights: each kind weighs alike in all, and within the children's films the normal and
     the pneumonia films weigh alike (``children_labels``, 1 = pneumonia, or None to leave them as counted).
 
-    Three in four training films have pneumonia, and every child's film the head refused as an adult's
-    was a normal one (16 of the 234 normal test films, none of the 390 with pneumonia): counted as they
-    come, the normal children set too little of the boundary."""
+    Three in four training films have pneumonia, and the children's films the head refused as adults'
+    were normal ones: counted as they come, the normal children set too little of the boundary."""
     weights = np.ones(len(kinds))
     if children_labels is not None:
         labels = np.asarray(children_labels)
+        if len(labels) != int((kinds == 0).sum()):
+            raise ValueError(f"{len(labels)} children's labels for {int((kinds == 0).sum())} children's films")
         for label in np.unique(labels):
             members = np.flatnonzero(kinds == 0)[labels == label]
             weights[members] = len(labels) / (len(np.unique(labels)) * len(members))
