@@ -28,7 +28,7 @@ from model import Predictor
 from model.card import GATE_GOALS, TEST_NORMAL, Goal
 from model.predictor import infer_batches
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
-from training.data import checkpoint_splits, load_adult_films
+from training.data import checkpoint_splits, load_adult_films, processed_copies
 from training.population import fit_population_head, gate_sets
 
 GOALS = {**GATE_GOALS, "non-X-ray images": Goal(at_least=True, share=1.0)}
@@ -47,7 +47,7 @@ def adult_sources(root: Path, files: list[str]) -> np.ndarray:
 
 def each_source_left_out(checkpoint, data: Path, adult_data: Path) -> None:
     """The head refitted without each source in turn: that source's adults, and the normal test films."""
-    copies = int(checkpoint.training_data.get("recipe", {}).get("processed_copies", 0))
+    copies = processed_copies(checkpoint.training_data)
     train, val, test = checkpoint_splits(checkpoint.training_data, data, checkpoint.preprocess, DEFAULT_CACHE_DIR,
                                          processed=copies, progress=False)
     adult = load_adult_films(adult_data, checkpoint.preprocess, DEFAULT_CACHE_DIR, processed=copies, progress=False)

@@ -32,7 +32,7 @@ from harness.non_xray import non_xray_images
 from model import CLASS_NAMES, Predictor, load_checkpoint
 from model.card import ADULT_HELD_OUT, LATERAL_HELD_OUT
 from model.settings import DEFAULT_CACHE_DIR, DEFAULT_CHECKPOINT, adult_data_dir, data_dir
-from training.data import checkpoint_splits, grouped_split, load_adult_films, patient_id, scan_split
+from training.data import checkpoint_splits, grouped_split, load_adult_films, patient_id, processed_copies, scan_split
 from training.site import (
     HELD_OUT_FRACTION,
     adapt,
@@ -122,7 +122,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     parent = load_checkpoint(args.checkpoint)
     serving = Predictor(parent)
-    copies = int(parent.training_data.get("recipe", {}).get("processed_copies", 0))
+    copies = processed_copies(parent.training_data)
     train, val, test = checkpoint_splits(parent.training_data, args.data, parent.preprocess, DEFAULT_CACHE_DIR,
                                          progress=False, processed=copies)
     adult = load_adult_films(args.adult_data, parent.preprocess, DEFAULT_CACHE_DIR, progress=False, processed=copies)

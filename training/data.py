@@ -120,6 +120,12 @@ def grouped_split(labels: np.ndarray, groups: list, fraction: float, seed: int) 
     return kept, aside
 
 
+def processed_copies(training_data: dict) -> int:
+    """How many processed copies of each training film the checkpoint's gates were fitted with (none
+    before site processing): what a refit loads to fit them the same way."""
+    return int(training_data.get("recipe", {}).get("processed_copies", 0))
+
+
 def checkpoint_splits(training_data: dict, root, params: PreprocessParams, cache_dir, workers: int = 2,
                       progress: bool = True, processed: int = 0) -> tuple[Split, Split, Split]:
     """(train, validation, test) as the checkpoint with this ``training_data`` was fitted and measured.

@@ -40,7 +40,15 @@ from model.settings import (
 from model.store import ModelStore, StoreError
 
 from .augment import augment
-from .data import HELD_OUT_FRACTION, AdultFilms, DatasetError, Split, checkpoint_splits, load_adult_films
+from .data import (
+    HELD_OUT_FRACTION,
+    AdultFilms,
+    DatasetError,
+    Split,
+    checkpoint_splits,
+    load_adult_films,
+    processed_copies,
+)
 from .evaluate import evaluate, transformer_figures
 from .metrics import format_table
 from .onnx_export import add_to_store, save_beside
@@ -178,7 +186,7 @@ def main(args) -> int:
             old = load_checkpoint(args.checkpoint)
         else:
             old = store.load(args.version or store.serving_version())
-        copies = int(old.training_data.get("recipe", {}).get("processed_copies", 0))
+        copies = processed_copies(old.training_data)
         train, val, test = checkpoint_splits(old.training_data, args.data, old.preprocess, args.cache_dir,
                                              args.workers, processed=copies)
         adult = load_adult_films(args.adult_data, old.preprocess, args.cache_dir, args.workers, processed=copies)

@@ -80,7 +80,7 @@ from model.validation import auc, local_validation
 
 from .augment import augment
 from .calibrate import fit_temperature
-from .data import DatasetError, checkpoint_splits, grouped_split, load_adult_films
+from .data import DatasetError, checkpoint_splits, grouped_split, load_adult_films, processed_copies
 from .evaluate import evaluate, transformer_figures
 from .gate import fit_gate
 from .metrics import threshold_for_sensitivity
@@ -642,7 +642,7 @@ def cmd_adapt(args, store: ModelStore) -> int:
     rest, held_out = split_site(films, groups, HELD_OUT_FRACTION, args.seed)
     log.info("site %s: %d films; %d held out for the guard (%d patients or duplicate groups)", args.site, len(films),
              len(held_out), len({groups[i] for i in held_out}))
-    copies = int(parent.training_data.get("recipe", {}).get("processed_copies", 0))  # as the parent's gates saw
+    copies = processed_copies(parent.training_data)  # as the parent's gates saw
     train, val, test = checkpoint_splits(parent.training_data, args.data, parent.preprocess, args.cache_dir,
                                          args.workers, progress=False, processed=copies)
     try:
